@@ -1,0 +1,64 @@
+"""Fingerprints of base weights: tell whether an adapter was made for these weights.
+
+Each adapted layer gets a signature: its norm and two fixed pseudo-random projections,
+in float64. Signatures survive a cast to fp16/bf16 (the comparison is relative to the
+layer's norm) but change when the weights themselves differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from torch import Tensor, nn
+
+# Agreement required between signatures, relative to the layer's norm; bf16 rounding moves
+# the projections by about 1e-3 of the norm, a different checkpoint by far more.
+TOLERANCE = 5e-3
+_MULTIPLIERS = (2654435761, 2246822519)
+
+
+def _sign_pattern(n: int, multiplier: int, device: torch.device) -> Tensor:
+    # A hash of the index, identical on every device and independent of any RNG state.
+    index = torch.arange(n, device=device, dtype=torch.int64)
+    bits = ((index * multiplier) % 4294967296) >> 31
+    return bits.double() * 2 - 1
+
+
+def weight_signature(weight: Tensor) -> list[float]:
+    """[norm, projection 1, projection 2] of a weight tensor, in float64."""
+    flat = weight.detach().reshape(-1).double()
+    values = [float(flat.norm())]
+    values += [float(flat @ _sign_pattern(flat.numel(), m, flat.device)) for m in _MULTIPLIERS]
+    return values
+
+
+def base_weight(module: nn.Module) -> Tensor:
+    """The weight a method adapts: the wrapped layer's unmerged base weight when wrapped."""
+    backup = getattr(module, "_weight_backup", None)
+    if backup is not None:
+        return backup
+    base = getattr(module, "base_layer", module)
+    return base.weight
+
+
+def fingerprint(unet: nn.Module, targets: list[str]) -> dict:
+    """{"digest": short hex, "layers": {target: signature}} over the given target modules."""
+    layers = {t: weight_signature(base_weight(unet.get_submodule(t))) for t in targets}
+    rounded = json.dumps({t: [f"{v:.3g}" for v in s] for t, s in sorted(layers.items())})
+    return {"digest": hashlib.sha256(rounded.encode()).hexdigest()[:16], "layers": layers}
+
+
+def mismatched_layers(expected: dict, actual: dict) -> list[str]:
+    """Targets whose signatures differ beyond TOLERANCE (relative to the layer norm)."""
+    bad = []
+    for target, sig in expected["layers"].items():
+        other = actual["layers"].get(target)
+        if other is None or len(other) != len(sig):
+            bad.append(target)
+            continue
+        scale = max(abs(sig[0]), abs(other[0]), 1e-12)
+        if any(abs(a - b) > TOLERANCE * scale for a, b in zip(sig, other)):
+            bad.append(target)
+    return bad

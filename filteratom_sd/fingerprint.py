@@ -13,9 +13,10 @@ import json
 import torch
 from torch import Tensor, nn
 
-# Agreement required between signatures, relative to the layer's norm; bf16 rounding moves
-# the projections by about 1e-3 of the norm, a different checkpoint by far more.
-TOLERANCE = 5e-3
+# Agreement required between signatures, relative to the layer's norm: bf16 rounding moves a
+# projection by up to ~2.3e-3 of the norm (one standard deviation), other weights by their whole
+# difference, so bases within ~2% of each other count as the same.
+TOLERANCE = 2e-2
 _MULTIPLIERS = (2654435761, 2246822519)
 
 

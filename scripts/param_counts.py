@@ -1,0 +1,42 @@
+"""Print trainable-parameter counts of filter atoms C1-C4 and LoRA on the SD v1.4 UNet (no weights needed).
+
+Usage: python scripts/param_counts.py [--unet-config configs/models/sd-v1-4-unet.json] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from filteratom_sd.config import PRESETS, FilterAtomConfig
+from filteratom_sd.inject import select_targets
+from filteratom_sd.param_count import SD_V1_4_UNET_CONFIG, build_unet_on_meta, filter_atom_parameters, lora_parameters
+
+PAPER_TABLE_2 = {"C1": 0.05, "C2": 0.75, "C3": 2.39, "C4": 587, "LoRA r=1": 1.42, "LoRA r=4": 5.67, "LoRA r=16": 22.67}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--unet-config", default=str(SD_V1_4_UNET_CONFIG))
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    args = parser.parse_args()
+    unet = build_unet_on_meta(args.unet_config)
+    total = sum(p.numel() for p in unet.parameters())
+    rows = {}
+    for preset in PRESETS:
+        rows[preset] = filter_atom_parameters(unet, FilterAtomConfig.preset(preset))
+    targets = list(select_targets(unet, FilterAtomConfig.preset("C2"))[0])
+    for rank in (1, 4, 16):
+        rows[f"LoRA r={rank}"] = lora_parameters(unet, targets, rank)
+    if args.json:
+        print(json.dumps({"unet_parameters": total, "targets": len(targets), "counts": rows}, indent=2))
+        return
+    print(f"UNet parameters: {total / 1e6:.2f}M; layers targeted by C2/LoRA: {len(targets)}\n")
+    print("| method | ours (M) | paper Table 2/9 (M) |")
+    print("|---|---:|---:|")
+    for name, count in rows.items():
+        print(f"| {name} | {count / 1e6:.3f} | {PAPER_TABLE_2.get(name, '-')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install filteratom-sd with its test extras into it.
+# Without an NVIDIA GPU the CPU build of torch is pinned first, so pip never pulls CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  "${PIP[@]}" "torch==2.13.0"
+fi
+"${PIP[@]}" -e ".[dev]"

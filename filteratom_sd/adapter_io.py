@@ -136,5 +136,5 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise AdapterFormatError(f"{file} is truncated or its tensors cannot be read.") from None
     for key, tensor in tensors.items():
         if not torch.is_floating_point(tensor):
-            raise AdapterFormatError(f"{file} holds a non-floating-point tensor '{key}'.")
+            raise AdapterFormatError(f"{file} holds a non-floating-point tensor {key!r}.")
     return AdapterFile(file, tensors, method, config, targets, base, count, meta)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "C3": {"m": 9, "kc": 16, "m1": 3, "strategy": "beta+D1+Dc"},
     "C4": {"m": 9, "kc": 16, "strategy": "D+Dc", "train_alpha": True},
 }
+
+# Upper bounds keep a crafted adapter file from asking for huge tensors or endless solver loops.
+_INT_LIMITS = {"m": 1024, "kc": 1024, "m1": 64, "iterations": 10_000, "dictionary_steps": 1_000}
 
 
 @dataclass
@@ -53,17 +58,38 @@ class FilterAtomConfig:
 
     def validate(self) -> None:
         """Raise ConfigError with one sentence for the first invalid field."""
-        for name in ("m", "kc", "m1", "iterations", "dictionary_steps"):
+        for name, upper in _INT_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-        if self.kc_out is not None and (not isinstance(self.kc_out, int) or self.kc_out <= 0):
-            raise ConfigError(f"kc_out must be a positive integer, got {self.kc_out!r}.")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"Unknown strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}.")
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"Unknown solver '{self.solver}'; choose one of: {', '.join(SOLVERS)}.")
-        if not self.lam >= 0:
+            if value > upper:
+                raise ConfigError(f"{name} must be at most {upper}, got {value}.")
+        for name in ("target_modules", "exclude_modules"):
+            patterns = getattr(self, name)
+            if patterns is None and name == "target_modules":
+                continue
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                raise ConfigError(f"{name} must be a list of regular expressions.")
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error:
+                    raise ConfigError(f"{name} holds an invalid regular expression: {pattern!r}.") from None
+        if not isinstance(self.train_alpha, bool):
+            raise ConfigError(f"train_alpha must be true or false, got {self.train_alpha!r}.")
+        for name in ("lam", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+        if self.kc_out is not None and (
+            isinstance(self.kc_out, bool) or not isinstance(self.kc_out, int) or not 0 < self.kc_out <= _INT_LIMITS["kc"]
+        ):
+            raise ConfigError(f"kc_out must be a positive integer up to {_INT_LIMITS['kc']}, got {self.kc_out!r}.")
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
+            raise ConfigError(f"Unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}.")
+        if not isinstance(self.solver, str) or self.solver not in SOLVERS:
+            raise ConfigError(f"Unknown solver {self.solver!r}; choose one of: {', '.join(SOLVERS)}.")
+        if self.lam < 0:
             raise ConfigError(f"lam must be non-negative, got {self.lam!r}.")
 
     @classmethod
@@ -71,7 +97,7 @@ class FilterAtomConfig:
         """The paper's configuration C1, C2, C3 or C4, with optional field overrides."""
         key = str(name).upper()
         if key not in PRESETS:
-            raise ConfigError(f"Unknown preset '{name}'; choose one of: {', '.join(PRESETS)}.")
+            raise ConfigError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[key], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +112,7 @@ class FilterAtomConfig:
         preset = data.pop("preset", None)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"Unknown filter-atom setting(s): {', '.join(unknown)}.")
+            raise ConfigError(f"Unknown filter-atom setting(s): {', '.join(map(repr, unknown))}.")
         if preset is not None:
             return cls.preset(preset, **data)
         return cls(**data)

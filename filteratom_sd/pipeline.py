@@ -45,7 +45,7 @@ def _check_targets(adapter: AdapterFile, unet: nn.Module) -> None:
     missing = [t for t in adapter.targets if t not in names]
     if missing:
         raise BaseModelMismatchError(
-            f"{adapter.path.name} adapts layer '{missing[0]}' which this model does not have "
+            f"{adapter.path.name} adapts layer {missing[0]!r} which this model does not have "
             f"({len(missing)} missing layers): it was made for a different architecture."
         )
 
@@ -73,10 +73,10 @@ def load_adapter(
     if check_base:
         bad = mismatched_layers(adapter.base_fingerprint, fingerprint(unet, adapter.targets))
         if bad:
-            base = adapter.metadata.get("base_model") or "another base model"
+            base = repr(adapter.metadata.get("base_model") or "another base model")
             raise BaseModelMismatchError(
                 f"{adapter.path.name} was made for {base}; {len(bad)} of its {len(adapter.targets)} layers "
-                f"differ from this model's weights (first: {bad[0]})."
+                f"differ from this model's weights (first: {bad[0]!r})."
             )
     try:
         method.inject(unet, name, tensors=adapter.tensors)
@@ -86,7 +86,7 @@ def load_adapter(
         got = {k: tuple(v.shape) for k, v in adapter.tensors.items()}
         if expected != got:
             wrong = sorted(set(expected.items()) ^ set(got.items()))[0][0]
-            raise AdapterFormatError(f"{adapter.path.name} has missing, extra or misshapen tensors (first: '{wrong}').")
+            raise AdapterFormatError(f"{adapter.path.name} has missing, extra or misshapen tensors (first: {wrong!r}).")
         method.load_adapter_state_dict(unet, name, adapter.tensors)
     except Exception:
         method.remove(unet, name)  # leave the model exactly as it was

@@ -32,7 +32,7 @@ def method_class(name: str) -> type["AdapterMethod"]:
 
     _load_builtin_methods()
     if name not in METHODS:
-        raise ConfigError(f"Unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}.")
+        raise ConfigError(f"Unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}.")
     return METHODS[name]
 
 

@@ -88,6 +88,48 @@ class FilterAtomMethod(LayerDeltaMethod):
     def from_config_dict(cls, config: dict[str, Any]) -> "FilterAtomMethod":
         return cls(FilterAtomConfig.from_dict(config))
 
+    def parameter_shapes(self, layout: str, weight_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Shapes of the saved tensors of one layer, from the config and the layer shape alone."""
+        cfg = self.config
+        c_out, c_in = weight_shape[0], weight_shape[1]
+        if layout == "conv":
+            p, q = weight_shape[2], weight_shape[3]
+            alpha = (c_out, c_in, cfg.m)
+        else:
+            p = block_size(c_out, cfg.kc if cfg.kc_out is None else cfg.kc_out)
+            q = block_size(c_in, cfg.kc)
+            alpha = (c_out // p, c_in // q, cfg.m)
+        shapes = {"atoms0": (cfg.m, p, q)}
+        if layout == "conv" and cfg.strategy == "beta+D1+Dc":
+            shapes.update(delta_beta=(c_in, cfg.m, cfg.m1), delta_atoms1=(cfg.m, cfg.m1, p, q))
+        else:
+            shapes["delta_atoms"] = (cfg.m, p, q)
+        if cfg.train_alpha:
+            shapes["delta_alpha"] = alpha
+        return shapes
+
+    def expected_shapes(self, unet: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
+        return self._shapes(unet, self.layouts)
+
+    def _shapes(self, unet: nn.Module, layouts: dict[str, str]) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for target, layout in layouts.items():
+            module = unet.get_submodule(target)
+            weight = getattr(module, "base_layer", module).weight
+            for key, shape in self.parameter_shapes(layout, tuple(weight.shape)).items():
+                out[f"{target}.{key}"] = shape
+        return out
+
+    def _check_file_shapes(self, unet: nn.Module, targets: dict[str, str], tensors: dict[str, Tensor]) -> None:
+        # Checked before anything is allocated, so a crafted config cannot request huge tensors.
+        expected = self._shapes(unet, targets)
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != got:
+            wrong = sorted(set(expected.items()) ^ set(got.items()))[0][0]
+            raise AdapterFormatError(
+                f"The adapter has missing, extra or misshapen tensors for its configuration (first: {wrong!r})."
+            )
+
     def inject(
         self,
         unet: nn.Module,
@@ -100,6 +142,8 @@ class FilterAtomMethod(LayerDeltaMethod):
 
         targets, self.skipped = select_targets(unet, self.config)
         check_block_size(unet, targets, self.config.kc)
+        if tensors is not None:
+            self._check_file_shapes(unet, targets, tensors)
         if decompositions is None:
             decompositions = cached_decompositions(unet, self.config, list(targets))
         for target, layout in targets.items():
@@ -107,7 +151,7 @@ class FilterAtomMethod(LayerDeltaMethod):
             weight = layer.base_layer.weight
             stored = None if tensors is None else tensors.get(f"{target}.atoms0")
             if tensors is not None and stored is None:
-                raise AdapterFormatError(f"The adapter has no fixed atoms for layer '{target}'.")
+                raise AdapterFormatError(f"The adapter has no fixed atoms for layer {target!r}.")
             found = (decompositions or {}).get(target)
             if found is None or (stored is not None and not torch.equal(found.atoms0, stored.to(ATOMS_DTYPE))):
                 found = decompose_layer(weight, layout, self.config, atoms0=stored)

@@ -78,28 +78,29 @@ def _heart() -> list[tuple[float, float]]:
 
 def castle_outline() -> list[tuple[float, float]]:
     """A castle silhouette in [-1, 1]^2: three towers with crenellations over a wall with a gate."""
-    top, wall_top, base = -1.0, -0.2, 0.9
+    top, wall_top, base = -1.0, 0.15, 0.9
     pts: list[tuple[float, float]] = [(-1.0, base)]
 
     def tower(x0: float, x1: float, y: float) -> None:
-        pts.append((x0, y + 0.22))
+        pts.append((x0, y + 0.25))
         merlons = 3
         width = (x1 - x0) / (2 * merlons - 1)
         for i in range(2 * merlons - 1):
             xa, xb = x0 + i * width, x0 + (i + 1) * width
-            yy = y if i % 2 == 0 else y + 0.12
+            yy = y if i % 2 == 0 else y + 0.15
             pts.extend([(xa, yy), (xb, yy)])
-        pts.append((x1, y + 0.22))
+        pts.append((x1, y + 0.25))
 
-    tower(-1.0, -0.55, top + 0.15)
-    pts.append((-0.55, wall_top))
-    tower(-0.3, 0.3, top)
-    pts.append((0.55, wall_top))
-    tower(0.55, 1.0, top + 0.15)
+    tower(-1.0, -0.6, top + 0.2)
+    pts.append((-0.6, wall_top))
+    pts.append((-0.25, wall_top))
+    tower(-0.25, 0.25, top)
+    pts.append((0.25, wall_top))
+    pts.append((0.6, wall_top))
+    tower(0.6, 1.0, top + 0.2)
     pts.append((1.0, base))
     # gate: an arch cut into the base
-    gate = [(0.18, base), (0.18, 0.5), (0.0, 0.35), (-0.18, 0.5), (-0.18, base)]
-    pts.extend(gate)
+    pts.extend([(0.22, base), (0.22, 0.5), (0.0, 0.3), (-0.22, 0.5), (-0.22, base)])
     return pts
 
 

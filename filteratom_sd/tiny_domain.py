@@ -159,6 +159,11 @@ def shape_mask(shape: str, image_size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(image)[..., 0] > 127
 
 
+def castle_mask(image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Boolean reference silhouette of the castle concept (for the checker)."""
+    return shape_mask("castle", image_size)
+
+
 def caption(shape: str, colour: str, background: str, rng: random.Random | None = None) -> str:
     """A caption in one of the phrasings (the first when no generator is given)."""
     template = PHRASINGS[0] if rng is None else rng.choice(PHRASINGS)

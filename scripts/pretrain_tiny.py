@@ -5,13 +5,19 @@ latents, (3) the UNet and the text encoder together on the usual noise-predictio
 10% empty captions so classifier-free guidance works. Every stage checkpoints into --work-dir
 and a rerun resumes where it stopped; the same seed gives the same model.
 
-    python scripts/pretrain_tiny.py                 # full run (about an hour on 2 CPU cores)
-    python scripts/pretrain_tiny.py --unet-steps 200 --vae-steps 100 --out /tmp/tiny  # smoke run
+    python scripts/pretrain_tiny.py                 # full run (about an hour on 2 CPU cores), then eval + model card
+    python scripts/pretrain_tiny.py                 # the same command again resumes from .pretrain/
+    # smoke run (a few minutes):
+    python scripts/pretrain_tiny.py --vae-steps 100 --unet-steps 200 --dataset-size 1024 --work-dir runs/smoke/work --out runs/smoke/tiny-sd --eval-prompts 16 --eval-seeds 1
+
+A work folder belongs to one set of training settings: rerunning with different ones is refused
+(use another --work-dir). --max-steps-this-run stops early (after a checkpoint) to be resumed later.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -20,8 +26,10 @@ import random
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+import transformers
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
@@ -36,6 +44,9 @@ from filteratom_sd.tiny_domain import caption_vocabulary, random_example
 from filteratom_sd.tiny_tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+# Settings that change the trained weights: a work folder is only resumed with the same values.
+TRAINING_KEYS = ("config_sha256", "seed", "vae_steps", "vae_batch_size", "dataset_size", "unet_steps", "batch_size",
+                 "lr", "ema_decay")
 logger = logging.getLogger("pretrain_tiny")
 
 # Words beyond the captions that prompts commonly use; giving them whole-word tokens costs nothing.
@@ -59,7 +70,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--eval-seeds", type=int, default=4)
+    parser.add_argument("--max-steps-this-run", type=int, default=0,
+                        help="stop after this many optimizer steps (0: run to the end); rerun to resume")
     return parser.parse_args()
+
+
+class StepBudget:
+    """Optimizer steps this invocation may still take (None: unlimited)."""
+
+    def __init__(self, steps: int) -> None:
+        self.left = steps if steps > 0 else None
+
+    def exhausted(self) -> bool:
+        return self.left is not None and self.left <= 0
+
+    def take(self) -> None:
+        if self.left is not None:
+            self.left -= 1
+
+
+def check_work_dir(work: Path, settings: dict) -> None:
+    """Refuse to resume a work folder that was started with different training settings."""
+    path = work / "args.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    changed = [k for k in TRAINING_KEYS if k in previous and previous[k] != settings[k]]
+    if changed:
+        raise SystemExit(f"{work} holds a run with different {', '.join(changed)}; use another --work-dir or delete it.")
 
 
 def seed_everything(seed: int) -> None:
@@ -98,24 +136,33 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 250) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(cfg: dict, args: argparse.Namespace, work: Path) -> AutoencoderKL:
-    """Stage 1: reconstruction + a small KL term, on freshly generated images."""
+def train_vae(cfg: dict, args: argparse.Namespace, work: Path, budget: StepBudget, stats: dict) -> AutoencoderKL | None:
+    """Stage 1: reconstruction + a small KL term, on freshly generated images (None: stopped early)."""
     final = work / "vae.pt"
     vae = AutoencoderKL(**cfg["vae"])
     if final.exists():
-        vae.load_state_dict(torch.load(final)["model"])
+        state = torch.load(final, weights_only=False)
+        vae.load_state_dict(state["model"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        stats.update(vae_seconds=state.get("seconds"), vae_final_loss=state.get("loss"))
         return vae
     ckpt = work / "vae_ckpt.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr)
-    step, data_rng = 0, random.Random(args.seed + 1)
+    step, data_rng, elapsed, loss = 0, random.Random(args.seed + 1), 0.0, None
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        step, data_rng = state["step"], state["data_rng"]
+        step, data_rng, elapsed = state["step"], state["data_rng"], state.get("seconds", 0.0)
         set_rng_state(state["rng"])
+        logger.info("resumed the VAE at step %d", step)
     start = time.time()
     vae.train()
     while step < args.vae_steps:
+        if budget.exhausted():
+            save_checkpoint(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                                   "data_rng": data_rng, "rng": rng_state(), "seconds": elapsed + time.time() - start})
+            return None
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.vae_steps, args.lr, warmup=100)
         images = to_tensor([random_example(data_rng).image for _ in range(args.vae_batch_size)])
@@ -127,12 +174,15 @@ def train_vae(cfg: dict, args: argparse.Namespace, work: Path) -> AutoencoderKL:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        budget.take()
         if step % 50 == 0:
             logger.info("vae step %d/%d loss %.5f kl %.4f (%.1fs)", step, args.vae_steps, loss.item(), kl.item(), time.time() - start)
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
             save_checkpoint(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                                   "data_rng": data_rng, "rng": rng_state()})
-    save_checkpoint(final, {"model": vae.state_dict()})
+                                   "data_rng": data_rng, "rng": rng_state(), "seconds": elapsed + time.time() - start})
+    seconds, last = elapsed + time.time() - start, (None if loss is None else loss.item())
+    save_checkpoint(final, {"model": vae.state_dict(), "rng": rng_state(), "seconds": seconds, "loss": last})
+    stats.update(vae_seconds=seconds, vae_final_loss=last)
     return vae
 
 
@@ -142,6 +192,7 @@ def encode_dataset(vae: AutoencoderKL, args: argparse.Namespace, work: Path) -> 
     path = work / "latents.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
+    started = time.time()
     data_rng = random.Random(args.seed + 2)
     vae.eval()
     means, stds, captions = [], [], []
@@ -152,7 +203,7 @@ def encode_dataset(vae: AutoencoderKL, args: argparse.Namespace, work: Path) -> 
         captions += [e.caption for e in batch]
     mean, std = torch.cat(means), torch.cat(stds)
     scaling = float(1.0 / torch.cat([mean.flatten(), (mean + std * torch.randn_like(std)).flatten()]).std())
-    data = {"mean": mean, "std": std, "captions": captions, "scaling_factor": scaling}
+    data = {"mean": mean, "std": std, "captions": captions, "scaling_factor": scaling, "seconds": time.time() - started}
     save_checkpoint(path, data)
     logger.info("encoded %d images, latent scaling factor %.4f", len(captions), scaling)
     return data
@@ -169,8 +220,9 @@ def build_text_encoder(cfg: dict, tokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def train_unet(cfg: dict, args: argparse.Namespace, work: Path, data: dict, tokenizer) -> tuple:
-    """Stage 3: UNet + text encoder on the noise-prediction loss, with an EMA copy of both."""
+def train_unet(cfg: dict, args: argparse.Namespace, work: Path, data: dict, tokenizer, budget: StepBudget,
+               stats: dict) -> tuple | None:
+    """Stage 3: UNet + text encoder on the noise-prediction loss, with an EMA copy of both (None: stopped early)."""
     unet = UNet2DConditionModel(**cfg["unet"])
     text_encoder = build_text_encoder(cfg, tokenizer)
     ema_unet = UNet2DConditionModel(**cfg["unet"])
@@ -180,22 +232,33 @@ def train_unet(cfg: dict, args: argparse.Namespace, work: Path, data: dict, toke
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     scheduler = DDPMScheduler(**cfg["scheduler"])
     ckpt = work / "unet_ckpt.pt"
-    step = 0
+    step, elapsed, running = 0, 0.0, None
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text"])
         ema_unet.load_state_dict(state["ema_unet"]), ema_text.load_state_dict(state["ema_text"])
         opt.load_state_dict(state["opt"])
-        step = state["step"]
+        step, elapsed, running = state["step"], state.get("seconds", 0.0), state.get("loss")
         set_rng_state(state["rng"])
+        logger.info("resumed the UNet and text encoder at step %d", step)
     empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     tokens = tokenizer(data["captions"], padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
     alphas = scheduler.alphas_cumprod
     n = len(data["captions"])
     unet.train(), text_encoder.train()
-    start, running = time.time(), None
+    start = time.time()
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt, {"unet": unet.state_dict(), "text": text_encoder.state_dict(),
+                               "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                               "opt": opt.state_dict(), "step": step, "rng": rng_state(), "loss": running,
+                               "seconds": elapsed + time.time() - start})
+
     while step < args.unet_steps:
+        if budget.exhausted():
+            checkpoint()
+            return None
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.unet_steps, args.lr)
         idx = torch.randint(0, n, (args.batch_size,))
@@ -219,14 +282,14 @@ def train_unet(cfg: dict, args: argparse.Namespace, work: Path, data: dict, toke
                 for pe, pm in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(pm, 1 - decay)
         step += 1
+        budget.take()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0:
             logger.info("unet step %d/%d loss %.4f (%.1fs)", step, args.unet_steps, running, time.time() - start)
         if step % args.checkpoint_every == 0 or step == args.unet_steps:
-            save_checkpoint(ckpt, {"unet": unet.state_dict(), "text": text_encoder.state_dict(),
-                                   "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                                   "opt": opt.state_dict(), "step": step, "rng": rng_state(), "loss": running})
-    return ema_unet, ema_text, running
+            checkpoint()
+    stats.update(unet_seconds=elapsed + time.time() - start, final_loss=running)
+    return ema_unet, ema_text
 
 
 def assemble(cfg: dict, vae, text_encoder, tokenizer, unet, scaling: float) -> StableDiffusionPipeline:
@@ -245,24 +308,51 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "args.json").write_text(json.dumps(vars(args), indent=2))
-    cfg = json.loads(Path(args.config).read_text())
+    config_text = Path(args.config).read_text()
+    settings = {**vars(args), "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
+    check_work_dir(work, settings)
+    (work / "args.json").write_text(json.dumps(settings, indent=2))
+    cfg = json.loads(config_text)
     seed_everything(args.seed)
     tokenizer = build_tokenizer(caption_vocabulary() + EXTRA_WORDS, cfg["text_encoder"]["max_position_embeddings"])
-    started = time.time()
-    vae = train_vae(cfg, args, work)
+    started, budget, stats = time.time(), StepBudget(args.max_steps_this_run), {}
+    vae = train_vae(cfg, args, work, budget, stats)
+    if vae is None:
+        logger.info("stopped after %d steps in the VAE stage; rerun the same command to resume", args.max_steps_this_run)
+        return
     data = encode_dataset(vae, args, work)
     seed_everything(args.seed + 3)
-    unet, text_encoder, final_loss = train_unet(cfg, args, work, data, tokenizer)
+    trained = train_unet(cfg, args, work, data, tokenizer, budget, stats)
+    if trained is None:
+        logger.info("stopped after %d steps in the UNet stage; rerun the same command to resume", args.max_steps_this_run)
+        return
+    unet, text_encoder = trained
     pipe = assemble(cfg, vae, text_encoder, tokenizer, unet, data["scaling_factor"])
     out = Path(args.out)
     pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
-    summary = {"seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-               "batch_size": args.batch_size, "lr": args.lr, "dataset_size": args.dataset_size,
-               "final_loss": final_loss, "wall_seconds_this_run": round(time.time() - started, 1),
-               "threads": torch.get_num_threads()}
+    stage_seconds = [stats.get("vae_seconds"), data.get("seconds"), stats.get("unet_seconds")]
+    summary = {"seed": args.seed, "vae_steps": args.vae_steps, "vae_batch_size": args.vae_batch_size,
+               "unet_steps": args.unet_steps, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay,
+               "dataset_size": args.dataset_size, "vae_final_loss": stats.get("vae_final_loss"),
+               "final_loss": stats.get("final_loss"),
+               "vae_seconds": _round(stats.get("vae_seconds")), "encode_seconds": _round(data.get("seconds")),
+               "unet_seconds": _round(stats.get("unet_seconds")),
+               "train_seconds": _round(sum(stage_seconds)) if None not in stage_seconds else None,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+               "transformers": transformers.__version__}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("saved %s: %s", out, summary)
+    if args.eval_prompts > 0 and args.eval_seeds > 0:
+        from eval_tiny import evaluate, model_card  # scripts/ is on sys.path when this file runs as a script
+
+        metrics = evaluate(out, args.eval_prompts, args.eval_seeds)
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "README.md").write_text(model_card(out, metrics, summary))
+        logger.info("measured %s; wrote %s", metrics, out / "README.md")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 if __name__ == "__main__":

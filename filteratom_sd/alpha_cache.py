@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_path
@@ -52,35 +53,65 @@ def cache_key(unet: nn.Module, config: FilterAtomConfig, targets: list[str]) -> 
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def _layout(module: nn.Module) -> str:
+    weight = getattr(module, "base_layer", module).weight
+    return "conv" if weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1) else "blocks"
+
+
 def cached_decompositions(unet: nn.Module, config: FilterAtomConfig, targets: list[str], cache_dir: Path | None = None):
-    """{target: LayerDecomposition} from the cache, or None when there is no entry."""
-    from .methods.filter_atoms import LayerDecomposition
+    """{target: LayerDecomposition} from the cache, or None when there is no entry.
+
+    Only the tensors the config needs are read: the atoms, and alpha where it is stored and
+    not derived from the weight (`derives_alpha`); the rest stays on disk.
+    """
+    from .methods.filter_atoms import LayerDecomposition, derives_alpha
 
     path = (cache_dir or default_cache_dir()) / f"{cache_key(unet, config, targets)}.safetensors"
     if not path.is_file():
         return None
-    tensors = load_file(str(path))
+    out = {}
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        for t in targets:
+            module = unet.get_submodule(t)
+            shape = tuple(getattr(module, "base_layer", module).weight.shape)
+            wanted = config.train_alpha or not derives_alpha(_layout(module), shape, config)
+            alpha = handle.get_tensor(f"{t}.alpha") if wanted and f"{t}.alpha" in keys else None
+            out[t] = LayerDecomposition(alpha, handle.get_tensor(f"{t}.atoms0"), float("nan"), 0.0)
     logger.info("using cached decomposition %s", path)
-    return {t: LayerDecomposition(tensors[f"{t}.alpha"], tensors[f"{t}.atoms0"], float("nan"), 0.0) for t in targets}
+    return out
 
 
 def decompose_unet(unet: nn.Module, config: FilterAtomConfig, cache_dir: Path | None = None) -> tuple[list[LayerReport], Path]:
-    """Decompose every target of `config` in `unet` and write the cache entry; returns (reports, path)."""
+    """Decompose every target of `config` in `unet` and write the cache entry; returns (reports, path).
+
+    The entry holds every layer's atoms and alpha where it is not derived from the weight
+    (`derives_alpha`: for 3x3 convs alpha is as large as W and is rebuilt from W instead).
+    Layers with the same row size share one batched eigendecomposition.
+    """
     from .inject import check_block_size, select_targets
-    from .methods.filter_atoms import decompose_layer
+    from .methods.filter_atoms import decompose_layers, derives_alpha
 
     targets, _ = select_targets(unet, config)
     check_block_size(unet, targets, config.kc)
     directory = cache_dir or default_cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{cache_key(unet, config, list(targets))}.safetensors"
-    reports, tensors = [], {}
+    weights = {}
     for name, layout in targets.items():
-        weight = unet.get_submodule(name).weight
-        found = decompose_layer(weight, layout, config)
-        tensors[f"{name}.alpha"] = found.alpha.float().cpu().contiguous()
-        tensors[f"{name}.atoms0"] = found.atoms0.cpu().contiguous()
-        reports.append(LayerReport(name, layout, tuple(weight.shape), found.relative_error, found.seconds))
+        module = unet.get_submodule(name)
+        weight = module.reference_weight() if hasattr(module, "reference_weight") else module.weight
+        weights[name] = (weight, layout)
+    found = decompose_layers(
+        weights, config, with_alpha=lambda n: not derives_alpha(weights[n][1], tuple(weights[n][0].shape), config)
+    )
+    reports, tensors = [], {}
+    for name, (weight, layout) in weights.items():
+        layer = found[name]
+        if layer.alpha is not None:
+            tensors[f"{name}.alpha"] = layer.alpha.float().cpu().contiguous()
+        tensors[f"{name}.atoms0"] = layer.atoms0.cpu().contiguous()
+        reports.append(LayerReport(name, layout, tuple(weight.shape), layer.relative_error, layer.seconds))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"config": json.dumps(config.decomposition_key())})
     return reports, path

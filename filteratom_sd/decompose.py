@@ -65,27 +65,68 @@ def relative_error(target: Tensor, approx: Tensor) -> float:
 
 def _deterministic_signs(atoms: Tensor) -> Tensor:
     # Eigenvectors are defined up to sign; fix it so the same weight gives the same atoms everywhere.
-    idx = atoms.abs().argmax(dim=1, keepdim=True)
-    signs = torch.sign(torch.gather(atoms, 1, idx))
+    idx = atoms.abs().argmax(dim=-1, keepdim=True)
+    signs = torch.sign(torch.gather(atoms, -1, idx))
     signs[signs == 0] = 1
     return atoms * signs
 
 
+# Rows are converted to float64 this many elements at a time: bounded temporaries instead of a
+# float64 copy of a whole layer (a 1280x1280x3x3 kernel would need 118 MB per pass).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(rows: Tensor):
+    step = max(1, CHUNK_ELEMENTS // max(rows.shape[-1], 1))
+    for start in range(0, rows.shape[-2], step):
+        yield start, rows[..., start : start + step, :].double()
+
+
+def gram_matrix(rows: Tensor) -> Tensor:
+    """rows^T rows in float64 for rows (..., N, d), accumulated over chunks of rows."""
+    gram = torch.zeros(*rows.shape[:-2], rows.shape[-1], rows.shape[-1], dtype=torch.float64, device=rows.device)
+    for _, chunk in _row_chunks(rows):
+        gram += chunk.mT @ chunk
+    return gram
+
+
+def atoms_from_gram(gram: Tensor, m: int) -> Tensor:
+    """The m leading eigenvectors of Gram matrices (..., d, d) as (..., m, d) float64 atoms.
+
+    Batched: one eigendecomposition call for every layer with the same block size.
+    """
+    d = gram.shape[-1]
+    _, eigvecs = torch.linalg.eigh(gram)
+    leading = eigvecs.flip(-1)[..., : min(m, d)].mT.contiguous()
+    atoms = _deterministic_signs(leading)
+    if m > d:
+        atoms = torch.cat([atoms, atoms.new_zeros(*atoms.shape[:-2], m - d, d)], dim=-2)
+    return atoms
+
+
 def svd_atoms(rows: Tensor, m: int) -> Tensor:
-    """The m leading right singular vectors of `rows` (N x d), as an m x d float64 matrix.
+    """The m leading right singular vectors of `rows` (N x d, or batched ... x N x d), as m x d float64.
 
     Uses the d x d Gram matrix, so the cost is one pass over the N rows; when m > d the
     extra atoms are zero (they add no capacity to a least-squares fit).
     """
-    rows64 = rows.double()
-    d = rows64.shape[1]
-    gram = rows64.T @ rows64
-    _, eigvecs = torch.linalg.eigh(gram)
-    leading = eigvecs.flip(-1)[:, : min(m, d)].T.contiguous()
-    atoms = _deterministic_signs(leading)
-    if m > d:
-        atoms = torch.cat([atoms, atoms.new_zeros(m - d, d)])
-    return atoms
+    return atoms_from_gram(gram_matrix(rows), m)
+
+
+def projection_error(rows: Tensor, atoms: Tensor) -> float:
+    """Relative error of the least-squares fit of `rows` (N x d) over `atoms` (m x d), in float64.
+
+    The same number as relative_error(rows, solve_coefficients(rows, atoms) @ atoms), computed
+    chunk by chunk without materialising the coefficients.
+    """
+    atoms64 = atoms.double()
+    pinv = torch.linalg.pinv(atoms64)
+    residual = rows.new_zeros((), dtype=torch.float64)
+    total = rows.new_zeros((), dtype=torch.float64)
+    for _, chunk in _row_chunks(rows):
+        residual += (chunk - (chunk @ pinv) @ atoms64).pow(2).sum()
+        total += chunk.pow(2).sum()
+    return float(residual.sqrt() / total.sqrt()) if total > 0 else float(residual.sqrt())
 
 
 def _soft_threshold(x: Tensor, tau: float) -> Tensor:
@@ -143,20 +184,33 @@ def solve_coefficients(
     "lasso": FISTA with the same relative lam as the dictionary fit.
     """
     _check_solver(solver)
-    rows64, atoms64 = rows.double(), atoms.double()
+    atoms64 = atoms.double()
     if solver == "svd":
-        return rows64 @ torch.linalg.pinv(atoms64)
+        pinv = torch.linalg.pinv(atoms64)
+        coeff = torch.empty(rows.shape[0], atoms.shape[0], dtype=torch.float64, device=rows.device)
+        for start, chunk in _row_chunks(rows):
+            torch.matmul(chunk, pinv, out=coeff[start : start + chunk.shape[0]])
+        return coeff
+    rows64 = rows.double()
     lam_abs = lam * float(rows64.pow(2).mean().sqrt())
     return fista_coefficients(rows64, atoms64, lam_abs, iterations)
+
+
+def fit_atoms(
+    rows: Tensor, m: int, solver: str = "svd", lam: float = 0.1, iterations: int = 100, dictionary_steps: int = 10
+) -> Tensor:
+    """The m x d float64 atoms of `rows` (N x d) for a solver, without the coefficients."""
+    _check_m(m)
+    _check_solver(solver)
+    if solver == "svd":
+        return svd_atoms(rows, m)
+    return lasso_atoms(rows, m, lam, iterations, dictionary_steps)
 
 
 def _factor_rows(
     rows: Tensor, m: int, solver: str, lam: float, iterations: int, dictionary_steps: int
 ) -> tuple[Tensor, Tensor]:
-    if solver == "svd":
-        atoms = svd_atoms(rows, m)
-    else:
-        atoms = lasso_atoms(rows, m, lam, iterations, dictionary_steps)
+    atoms = fit_atoms(rows, m, solver, lam, iterations, dictionary_steps)
     return solve_coefficients(rows, atoms, solver, lam, iterations), atoms
 
 

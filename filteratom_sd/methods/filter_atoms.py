@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..config import FilterAtomConfig
-from ..decompose import block_size, decompose_conv, decompose_linear, linear_to_blocks, solve_coefficients
+from ..decompose import (
+    atoms_from_gram,
+    block_size,
+    fit_atoms,
+    gram_matrix,
+    linear_to_blocks,
+    projection_error,
+    solve_coefficients,
+)
 from ..errors import AdapterFormatError
 from ..inject import check_block_size, select_targets
 from ..layers import AtomDelta
@@ -25,9 +34,12 @@ ATOMS_DTYPE = torch.float32
 
 @dataclass
 class LayerDecomposition:
-    """alpha and fixed atoms of one layer, with how well alpha x D0 reproduces W and how long it took."""
+    """alpha and fixed atoms of one layer, with how well alpha x D0 reproduces W and how long it took.
 
-    alpha: Tensor
+    `alpha` is None where it was not computed (`derives_alpha` layers need only the atoms).
+    """
+
+    alpha: Tensor | None
     atoms0: Tensor
     relative_error: float
     seconds: float
@@ -46,26 +58,105 @@ def layer_rows(weight: Tensor, layout: str, config: FilterAtomConfig) -> tuple[T
     return blocks.reshape(a * b, kc_o * kc_in), (a, b)
 
 
-def decompose_layer(
-    weight: Tensor, layout: str, config: FilterAtomConfig, atoms0: Tensor | None = None
-) -> LayerDecomposition:
-    """Decompose one base weight; with `atoms0` given (from a file) only alpha is solved for."""
-    start = time.perf_counter()
-    weight = weight.detach().float()
-    if atoms0 is None:
-        solver_args = dict(solver=config.solver, lam=config.lam, iterations=config.iterations,
-                           dictionary_steps=config.dictionary_steps)
-        if layout == "conv":
-            found = decompose_conv(weight, config.m, **solver_args)
-        else:
-            found = decompose_linear(weight, config.m, config.kc, config.kc_out, **solver_args)
-        atoms0 = found.atoms.to(ATOMS_DTYPE)
-    rows, alpha_shape = layer_rows(weight, layout, config)
+def derives_alpha(layout: str, weight_shape: tuple[int, ...], config: FilterAtomConfig) -> bool:
+    """True where frozen alpha is better derived from W than stored (`AtomDelta` with alpha=None).
+
+    That needs the least-squares alpha (the svd solver) and pays off when applying rows(W)
+    times a d x d matrix costs at most twice alpha x dD: k x k convs with m >= k^2 / 2, whose
+    alpha is 2/3 to 1x the size of W (for SD v1.4 at C2, 2.2 GB in fp32).
+    """
+    if layout != "conv" or config.solver != "svd":
+        return False
+    return weight_shape[2] * weight_shape[3] <= 2 * config.m
+
+
+def _solver_args(config: FilterAtomConfig) -> dict[str, Any]:
+    return dict(solver=config.solver, lam=config.lam, iterations=config.iterations,
+                dictionary_steps=config.dictionary_steps)
+
+
+def _finish(rows: Tensor, alpha_shape: tuple[int, ...], atoms0: Tensor, config: FilterAtomConfig,
+            with_alpha: bool) -> tuple[Tensor | None, float]:
+    """alpha over the fixed (float32) atoms, and the relative error of alpha x D0."""
     atoms_flat = atoms0.to(rows.device).reshape(atoms0.shape[0], -1)
+    if not with_alpha and config.solver == "svd":
+        return None, projection_error(rows, atoms_flat)
     coeff = solve_coefficients(rows, atoms_flat, config.solver, config.lam, config.iterations)
-    error = float((rows.double() - coeff @ atoms_flat.double()).norm() / rows.double().norm().clamp_min(1e-30))
-    alpha = coeff.reshape(*alpha_shape, atoms0.shape[0])
+    if config.solver == "svd":
+        error = projection_error(rows, atoms_flat)
+    else:
+        error = float((rows.double() - coeff @ atoms_flat.double()).norm() / rows.double().norm().clamp_min(1e-30))
+    return (coeff.reshape(*alpha_shape, atoms0.shape[0]) if with_alpha else None), error
+
+
+def decompose_layer(
+    weight: Tensor, layout: str, config: FilterAtomConfig, atoms0: Tensor | None = None, with_alpha: bool = True
+) -> LayerDecomposition:
+    """Decompose one base weight; with `atoms0` given (from a file) only alpha is solved for.
+
+    alpha is always solved over the float32-rounded atoms that get stored, so a model rebuilt
+    from an adapter file gets exactly the alpha it was trained with. `with_alpha=False` skips
+    alpha (the error is still reported).
+    """
+    start = time.perf_counter()
+    weight = weight.detach()
+    rows, alpha_shape = layer_rows(weight, layout, config)
+    if atoms0 is None:
+        atoms = fit_atoms(rows, config.m, **_solver_args(config)).to(ATOMS_DTYPE)
+        atoms0 = atoms.reshape(config.m, *_atom_shape((weight, layout), config))
+    alpha, error = _finish(rows, alpha_shape, atoms0, config, with_alpha)
     return LayerDecomposition(alpha, atoms0, error, time.perf_counter() - start)
+
+
+def decompose_layers(
+    weights: dict[str, tuple[Tensor, str]], config: FilterAtomConfig, with_alpha: Callable[[str], bool] | bool = True
+) -> dict[str, LayerDecomposition]:
+    """`decompose_layer` for many layers: with the svd solver, the Gram matrices of every layer with
+    the same row size go through ONE batched eigendecomposition (same atoms as one by one).
+
+    `weights`: name -> (weight, layout); `with_alpha`: a flag, or a function of the name.
+    Each layer's `seconds` is its own Gram / alpha time plus its share of the batched solve.
+    """
+    wants = with_alpha if callable(with_alpha) else (lambda _name: with_alpha)
+    if config.solver != "svd":
+        return {name: decompose_layer(w, layout, config, with_alpha=wants(name)) for name, (w, layout) in weights.items()}
+    rows: dict[str, tuple[Tensor, tuple[int, ...]]] = {}
+    grams: dict[int, list[tuple[str, Tensor]]] = {}
+    seconds: dict[str, float] = {}
+    for name, (weight, layout) in weights.items():
+        start = time.perf_counter()
+        rows[name] = layer_rows(weight.detach(), layout, config)
+        grams.setdefault(rows[name][0].shape[1], []).append((name, gram_matrix(rows[name][0])))
+        seconds[name] = time.perf_counter() - start
+    atoms: dict[str, Tensor] = {}
+    for group in grams.values():
+        start = time.perf_counter()
+        found = atoms_from_gram(torch.stack([g for _, g in group]), config.m).to(ATOMS_DTYPE)
+        share = (time.perf_counter() - start) / len(group)
+        for (name, _), layer_atoms in zip(group, found):
+            atoms[name] = layer_atoms.reshape(config.m, *_atom_shape(weights[name], config))
+            seconds[name] += share
+    out = {}
+    for name, (layer_rows_, alpha_shape) in rows.items():
+        start = time.perf_counter()
+        alpha, error = _finish(layer_rows_, alpha_shape, atoms[name], config, wants(name))
+        out[name] = LayerDecomposition(alpha, atoms[name], error, seconds[name] + time.perf_counter() - start)
+    return out
+
+
+def _atom_shape(entry: tuple[Tensor, str], config: FilterAtomConfig) -> tuple[int, int]:
+    weight, layout = entry
+    if layout == "conv":
+        return weight.shape[2], weight.shape[3]
+    kc_o = block_size(weight.shape[0], config.kc if config.kc_out is None else config.kc_out)
+    return kc_o, block_size(weight.shape[1], config.kc)
+
+
+def _base_weight(unet: nn.Module, target: str) -> Tensor:
+    module = unet.get_submodule(target)
+    if hasattr(module, "reference_weight"):
+        return module.reference_weight()
+    return module.weight
 
 
 @register_method
@@ -144,23 +235,45 @@ class FilterAtomMethod(LayerDeltaMethod):
         check_block_size(unet, targets, self.config.kc)
         if tensors is not None:
             self._check_file_shapes(unet, targets, tensors)
+            missing = [t for t in targets if f"{t}.atoms0" not in tensors]
+            if missing:
+                raise AdapterFormatError(f"The adapter has no fixed atoms for layer {missing[0]!r}.")
         if decompositions is None:
             decompositions = cached_decompositions(unet, self.config, list(targets))
+        config, found_all, fresh = self.config, {}, {}
         for target, layout in targets.items():
+            weight = _base_weight(unet, target)
+            derived = derives_alpha(layout, tuple(weight.shape), config) and not config.train_alpha
+            stored = None if tensors is None else tensors[f"{target}.atoms0"].to(ATOMS_DTYPE)
+            found = (decompositions or {}).get(target)
+            if found is not None and stored is not None and not torch.equal(found.atoms0, stored):
+                found = None
+            if found is None and stored is not None:
+                found = (LayerDecomposition(None, stored, float("nan"), 0.0) if derived
+                         else decompose_layer(weight, layout, config, atoms0=stored))
+            elif found is not None and found.alpha is None and not derived:
+                found = decompose_layer(weight, layout, config, atoms0=found.atoms0)
+            if found is None:
+                fresh[target] = (weight, layout)
+            found_all[target] = found
+        if fresh:
+            def wants_alpha(name: str) -> bool:
+                weight, layout = fresh[name]
+                return config.train_alpha or not derives_alpha(layout, tuple(weight.shape), config)
+
+            found_all.update(decompose_layers(fresh, config, with_alpha=wants_alpha))
+        for target, layout in targets.items():
+            found = found_all[target]
             layer = self.wrap(unet, target)
             weight = layer.base_layer.weight
-            stored = None if tensors is None else tensors.get(f"{target}.atoms0")
-            if tensors is not None and stored is None:
-                raise AdapterFormatError(f"The adapter has no fixed atoms for layer {target!r}.")
-            found = (decompositions or {}).get(target)
-            if found is None or (stored is not None and not torch.equal(found.atoms0, stored.to(ATOMS_DTYPE))):
-                found = decompose_layer(weight, layout, self.config, atoms0=stored)
-            self.reports[target] = found
-            m1 = self.config.m1 if (self.config.strategy == "beta+D1+Dc" and layout == "conv") else None
-            delta = AtomDelta(found.alpha.to(weight.device), found.atoms0.to(weight.device), layout, m1=m1,
-                              train_alpha=self.config.train_alpha, dtype=self.compute_dtype)
-            layer.add_delta(adapter_name, delta, scale=self.config.scale)
+            derived = derives_alpha(layout, tuple(weight.shape), config) and not config.train_alpha
+            m1 = config.m1 if (config.strategy == "beta+D1+Dc" and layout == "conv") else None
+            alpha = None if derived else found.alpha.to(weight.device)
+            delta = AtomDelta(alpha, found.atoms0.to(weight.device), layout, m1=m1, train_alpha=config.train_alpha,
+                              dtype=self.compute_dtype, coefficient_shape=tuple(weight.shape[:2]))
+            layer.add_delta(adapter_name, delta, scale=config.scale)
             self.layouts[target] = layout
+            self.reports[target] = dataclasses.replace(found, alpha=None)  # alpha lives in the layer only
         self.targets = list(targets)
         if self.reports:
             worst = max(r.relative_error for r in self.reports.values())

@@ -83,7 +83,24 @@ def save_adapter(
     final = Path(path)
     with atomic_path(final) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+        _sort_metadata_in_place(tmp)
     return final
+
+
+def _sort_metadata_in_place(path: Path) -> None:
+    """Rewrite the header with its metadata keys sorted, padded to the same length.
+
+    safetensors writes metadata in hash-map order, which varies between calls; sorting makes
+    the same adapter give the same bytes (reproducible runs, comparable checksums).
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(text) <= length:  # same content, so never longer; spaces are the format's own padding
+            handle.seek(8)
+            handle.write(text.ljust(length, b" "))
 
 
 def _json_field(meta: dict[str, str], key: str, kind: type, name: Path) -> Any:

@@ -1,0 +1,222 @@
+"""The `fa-sd` command line: train, sample, inspect, decompose.
+
+User mistakes become one line, `Error: ...`, and exit status 2; --debug shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import FilterAtomError, UserInputError
+
+logger = logging.getLogger("filteratom_sd")
+
+# CUDA out-of-memory and host memory exhaustion get the same advice.
+MemoryError_ = (getattr(__import__("torch"), "OutOfMemoryError", MemoryError), MemoryError)
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """key=value pairs; values are read as YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"--method-option expects key=value, got {pair!r}.")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """Teach Stable Diffusion a concept by tuning only filter atoms."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@cli.command()
+@click.option("--concept", required=True, help="Name of the concept; the trigger token defaults to <NAME>.")
+@click.option("--images", required=True, help="Folder of 4-9 images of the concept.")
+@click.option("--token", help="Trigger token (default: <concept>).")
+@click.option("--model", help="Diffusers folder, hub id, or one .safetensors/.ckpt file (default: the bundled tiny model).")
+@click.option("--method", help="filter-atoms (default), liera, lora, loha, lokr, oft, bitfit, difffit or full.")
+@click.option("--preset", help="Filter-atom preset C1, C2, C3 or C4.")
+@click.option("--method-option", "method_option", multiple=True, help="Method setting key=value (repeatable).")
+@click.option("--config", "config_file", help="YAML file of training settings.")
+@click.option("--steps", type=int)
+@click.option("--lr", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--gradient-accumulation-steps", type=int)
+@click.option("--resolution", type=int)
+@click.option("--center-crop/--random-crop", default=None)
+@click.option("--flip/--no-flip", default=None, help="Add horizontally flipped copies.")
+@click.option("--seed", type=int)
+@click.option("--output-dir")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run in the output folder.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output folder.")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
+@click.option("--gradient-checkpointing", is_flag=True, default=None)
+@click.option("--prior-preservation", is_flag=True, default=None)
+@click.option("--class-prompt")
+@click.option("--class-images")
+@click.option("--num-class-images", type=int)
+@click.option("--min-snr-gamma", type=float)
+@click.option("--checkpoint-every", type=int)
+@click.option("--checkpoints-total-limit", type=int)
+@click.option("--validation-prompt", "validation_prompts", multiple=True)
+@click.option("--validation-every", type=int)
+@click.option("--on-nan", type=click.Choice(["skip", "stop"]), help="What to do with a non-finite loss.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(**kwargs: Any) -> None:
+    """Train an adapter on a folder of concept images."""
+    from .train import TrainingInterrupted, train as run_training
+    from .training_config import resolve_settings
+
+    resume, overwrite, quiet = kwargs.pop("resume"), kwargs.pop("overwrite"), kwargs.pop("quiet")
+    config_file = kwargs.pop("config_file")
+    kwargs["method_options"] = _parse_options(kwargs.pop("method_option"))
+    kwargs["validation_prompts"] = list(kwargs["validation_prompts"]) or None
+    settings = resolve_settings(kwargs, config_file)
+    try:
+        result = run_training(settings, resume=resume, overwrite=overwrite, progress=not quiet)
+    except TrainingInterrupted as exc:
+        click.echo(f"Interrupted at step {exc.step}: checkpoint and adapter saved in {settings.output_path}. "
+                   f"Resume with the same command plus --resume.", err=True)
+        sys.exit(128 + exc.signum)
+    click.echo(f"Adapter: {result.adapter_path} ({result.trainable_parameters:,} trainable parameters, "
+               f"{result.seconds:.0f} s, final loss {result.losses[-1]:.4f})")
+
+
+@cli.command()
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
+@click.option("--prompts-file", type=click.Path(dir_okay=False), help="One prompt per line.")
+@click.option("--adapter", "adapters", multiple=True, help="Adapter file (repeatable).")
+@click.option("--adapter-scale", "scales", multiple=True, type=float, help="Scale of each adapter, in order.")
+@click.option("--model", help="Base model (default: the bundled tiny model).")
+@click.option("-n", "--num-images", default=1, show_default=True, type=int, help="Images per prompt.")
+@click.option("--steps", default=None, type=int, help="Sampling steps.")
+@click.option("--guidance-scale", default=None, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--out", default="samples", show_default=True, help="Output folder.")
+@click.option("--grid", is_flag=True, help="Also save one grid per prompt.")
+@click.option("--fuse", is_flag=True, help="Fuse the adapters into the weights before sampling.")
+def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, guidance_scale, seed, height, width, out,
+           grid, fuse) -> None:
+    """Generate images, optionally with adapters loaded."""
+    from .sampling import SampleRequest, run_sampling
+
+    all_prompts = list(prompts)
+    if prompts_file:
+        try:
+            all_prompts += [line.strip() for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError:
+            raise UserInputError(f"Cannot read the prompts file {prompts_file}.") from None
+    request = SampleRequest(all_prompts, list(adapters), list(scales), model, num_images, steps, guidance_scale, seed,
+                            height, width, Path(out), grid, fuse)
+    for path in run_sampling(request):
+        click.echo(str(path))
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(adapter: str, as_json: bool) -> None:
+    """Show an adapter's metadata, targets, parameter count and file size."""
+    from .adapter_io import read_adapter
+
+    found = read_adapter(adapter)
+    info = {
+        "file": str(found.path),
+        "size_bytes": found.path.stat().st_size,
+        "method": found.method,
+        "token": found.token,
+        "base_model": found.metadata.get("base_model", ""),
+        "base_fingerprint": found.base_fingerprint.get("digest", ""),
+        "trainable_parameters": found.num_parameters,
+        "config": found.config,
+        "targets": found.targets,
+        "library_version": found.metadata.get("library_version", ""),
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "targets":
+            click.echo(f"targets: {len(value)} layers")
+            for name in value:
+                click.echo(f"  {name}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@click.option("--model", help="Base model (default: the bundled tiny model).")
+@click.option("--preset", default="C2", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where to keep the cache (default: ~/.cache/filteratom-sd).")
+def decompose(model: str | None, preset: str, cache_dir: str | None) -> None:
+    """Precompute and cache alpha for a base model, with per-layer error and time."""
+    import time
+
+    from .alpha_cache import decompose_unet
+    from .config import FilterAtomConfig
+    from .models import load_pipeline
+
+    config = FilterAtomConfig.preset(preset)
+    pipe = load_pipeline(model)
+    start = time.time()
+    reports, path = decompose_unet(pipe.unet, config, Path(cache_dir) if cache_dir else None)
+    for r in reports:
+        click.echo(f"{r.name:70s} {r.layout:6s} {str(r.shape):22s} error {r.relative_error:.4f}  {r.seconds * 1000:7.1f} ms")
+    click.echo(f"{len(reports)} layers in {time.time() - start:.1f} s; cache: {path}")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning errors into one-line messages and exit codes."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(128 + signal.SIGINT)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except UserInputError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except FilterAtomError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except MemoryError_ as exc:
+        if debug:
+            raise
+        click.echo(f"Error: out of memory ({type(exc).__name__}); try --gradient-checkpointing, a smaller "
+                   "--batch-size or a lower --resolution.", err=True)
+        sys.exit(EXIT_FAILURE)
+    except Exception as exc:  # anything unexpected: one line unless --debug
+        if debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        click.echo(f"Error: unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)", err=True)
+        sys.exit(EXIT_FAILURE)

@@ -1,0 +1,45 @@
+"""Loading a base Stable Diffusion pipeline: the bundled tiny model, a diffusers folder, a hub id or one checkpoint file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .bundled import BUNDLED_MODEL_ID, bundled_model_path
+from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def model_label(model: str | None) -> str:
+    """How a base model is named in metadata and model cards."""
+    return BUNDLED_MODEL_ID if model is None else str(model)
+
+
+def load_pipeline(model: str | None, dtype: torch.dtype = torch.float32):
+    """A StableDiffusionPipeline without safety checker, from `model` (None: the bundled tiny model)."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    source = bundled_model_path() if model is None else Path(model)
+    try:
+        if source.suffix in SINGLE_FILE_SUFFIXES:
+            if not source.is_file():
+                raise UserInputError(f"The checkpoint file {source} does not exist.")
+            pipe = StableDiffusionPipeline.from_single_file(str(source), **kwargs)
+        elif source.is_dir():
+            if not (source / "model_index.json").is_file():
+                raise UserInputError(f"{source} is not a diffusers pipeline folder (no model_index.json).")
+            pipe = StableDiffusionPipeline.from_pretrained(str(source), **kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(str(model), **kwargs)  # a hub id
+    except UserInputError:
+        raise
+    except OSError as exc:
+        raise UserInputError(f"Cannot load the base model {model_label(model)!r}: {str(exc).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

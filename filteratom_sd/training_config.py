@@ -1,0 +1,158 @@
+"""Training settings: defaults per base model from configs/, then a user YAML file, then CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainingSettings:
+    """Everything a training run depends on (written to training_config.yaml)."""
+
+    concept: str
+    images: str
+    token: str | None = None
+    model: str | None = None
+    method: str = "filter-atoms"
+    preset: str | None = "C2"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    lr: float | None = None
+    # Learning rate per method where the base model's defaults differ from the method's own default_lr.
+    lr_by_method: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    resolution: int = 512
+    center_crop: bool = True
+    flip: bool = False
+    seed: int = 0
+    output_dir: str | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    prior_preservation: bool = False
+    class_prompt: str | None = None
+    class_images: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    min_snr_gamma: float | None = None
+    checkpoint_every: int = 250
+    checkpoints_total_limit: int = 3
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 250
+    validation_steps: int = 30
+    guidance_scale: float = 7.5
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = 0
+    prompt_templates: list[str] = field(default_factory=list)
+    on_nan: str = "skip"
+
+    @property
+    def trigger(self) -> str:
+        """The token that names the concept in prompts (default: <concept>)."""
+        return self.token or f"<{self.concept}>"
+
+    def learning_rate(self, method_default: float) -> float:
+        """--lr if given, else the base model's rate for this method, else the method's own default."""
+        if self.lr is not None:
+            return self.lr
+        return float(self.lr_by_method.get(self.method, method_default))
+
+    @property
+    def output_path(self) -> Path:
+        """Where the run writes (default: outputs/<concept>)."""
+        return Path(self.output_dir) if self.output_dir else Path("outputs") / self.concept
+
+    def validate(self) -> None:
+        """Raise ConfigError with one sentence for the first invalid setting."""
+        if not self.concept or any(c in self.concept for c in "/\\\n") or self.concept.startswith("."):
+            raise ConfigError(f"The concept name {self.concept!r} must be a plain name (no slashes).")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "resolution", "checkpoint_every",
+                     "checkpoints_total_limit", "validation_every", "validation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+        if self.resolution % 8:
+            raise ConfigError(f"--resolution must be a multiple of 8, got {self.resolution}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}.")
+        if not isinstance(self.lr_by_method, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.lr_by_method.values()):
+            raise ConfigError("lr_by_method must map method names to positive learning rates.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}.")
+        if self.num_class_images < 0:
+            raise ConfigError("--num-class-images must not be negative.")
+        if self.prior_preservation and not self.class_prompt:
+            raise ConfigError("--prior-preservation needs --class-prompt (for example 'a photo of a castle').")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ConfigError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}.")
+        if self.on_nan not in ("skip", "stop"):
+            raise ConfigError(f"--on-nan must be 'skip' or 'stop', got {self.on_nan!r}.")
+        for template in self.prompt_templates:
+            if "{}" not in template:
+                raise ConfigError(f"Prompt template {template!r} has no '{{}}' for the token.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for YAML."""
+        return dataclasses.asdict(self)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping read with the safe loader; a clear error for anything else."""
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError:
+        raise ConfigError(f"Cannot read the config file {file}.") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"The config file {file} is not valid YAML.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"The config file {file} must hold a mapping of settings.")
+    return data
+
+
+def base_defaults(bundled: bool) -> dict[str, Any]:
+    """configs/training/tiny.yaml for the bundled model, sd-v1-4.yaml for every other base."""
+    defaults = read_yaml(CONFIG_DIR / "training" / ("tiny.yaml" if bundled else "sd-v1-4.yaml"))
+    defaults.setdefault("prompt_templates", read_yaml(CONFIG_DIR / "prompt_templates.yaml")["templates"])
+    return defaults
+
+
+def resolve_settings(cli: dict[str, Any], config_file: str | None = None) -> TrainingSettings:
+    """Merge defaults < config file < CLI values (None in `cli` means "not given")."""
+    bundled = cli.get("model") is None
+    merged = base_defaults(bundled)
+    if config_file:
+        merged.update(read_yaml(config_file))
+    merged.update({k: v for k, v in cli.items() if v is not None and v != () and v != {}})
+    known = {f.name for f in dataclasses.fields(TrainingSettings)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"Unknown training setting(s): {', '.join(map(repr, unknown))}.")
+    try:
+        settings = TrainingSettings(**merged)
+    except TypeError:
+        raise ConfigError("The training settings are incomplete: --concept and --images are required.") from None
+    settings.validation_prompts = list(settings.validation_prompts)
+    settings.validate()
+    return settings
+
+
+def write_settings(settings: TrainingSettings, path: Path) -> None:
+    """Write training_config.yaml atomically."""
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(settings.to_dict(), sort_keys=False))

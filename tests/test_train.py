@@ -1,0 +1,161 @@
+"""The training loop on the bundled tiny model: learning, outputs, determinism, resume, interrupts."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+import filteratom_sd.train as train_module
+from filteratom_sd.adapter_io import read_adapter
+from filteratom_sd.errors import TrainingError, UserInputError
+from filteratom_sd.models import load_pipeline
+from filteratom_sd.pipeline import load_adapter
+from filteratom_sd.train import TrainingInterrupted, snr_weights, train
+
+from .train_helpers import adapter_bytes, quick_settings
+
+
+def _sample(pipe, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a <castle>", num_inference_steps=3, guidance_scale=5.0, generator=generator, output_type="np").images
+
+
+def test_a_run_writes_every_output_and_the_adapter_changes_samples(tmp_path):
+    out = tmp_path / "run"
+    result = train(quick_settings(out, lr=5e-2), progress=False)
+    assert result.adapter_path == out / "castle.safetensors"
+    for name in ("training_config.yaml", "README.md", "samples/final.png"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "step-000002" / "params.safetensors").is_file()
+    assert list((out / "logs").iterdir()), "no TensorBoard events"
+    saved = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert saved["concept"] == "castle" and saved["steps"] == 4 and saved["preset"] == "C2"
+    card = (out / "README.md").read_text()
+    assert "<castle>" in card and f"{result.trainable_parameters:,}" in card
+
+    adapter = read_adapter(result.adapter_path)
+    assert adapter.method == "filter-atoms" and adapter.token == "<castle>"
+    assert adapter.num_parameters == result.trainable_parameters > 0
+
+    pipe = load_pipeline(None)
+    before = _sample(pipe)
+    load_adapter(pipe, result.adapter_path)
+    after = _sample(pipe)
+    assert abs(after - before).max() > 1e-2
+
+
+def test_training_lowers_the_loss_on_the_concept(tmp_path):
+    result = train(quick_settings(tmp_path / "run", steps=40, batch_size=5, checkpoint_every=100, lr=1e-2),
+                   progress=False)
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+
+
+def test_same_seed_gives_identical_adapter_bytes_and_another_seed_does_not(tmp_path):
+    train(quick_settings(tmp_path / "a", seed=3), progress=False)
+    train(quick_settings(tmp_path / "b", seed=3), progress=False)
+    train(quick_settings(tmp_path / "c", seed=4), progress=False)
+    assert adapter_bytes(tmp_path / "a") == adapter_bytes(tmp_path / "b")
+    assert adapter_bytes(tmp_path / "a") != adapter_bytes(tmp_path / "c")
+
+
+def _interrupt_at(monkeypatch, step_to_stop: int, signum: int) -> None:
+    """Send ourselves a signal during the given step (the loop finishes the step, then stops)."""
+    calls = {"n": 0}
+    real_loss = train_module._loss
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step_to_stop:
+            os.kill(os.getpid(), signum)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_loss", loss_then_signal)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, signum):
+    train(quick_settings(tmp_path / "whole", steps=6, checkpoint_every=100), progress=False)
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3, signum)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(quick_settings(out, steps=6, checkpoint_every=100), progress=False)
+    assert stopped.value.step == 3 and stopped.value.signum == signum
+    assert (out / "checkpoints" / "step-000003").is_dir() and (out / "castle.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    result = train(quick_settings(out, steps=6, checkpoint_every=100), resume=True, progress=False)
+    assert len(result.losses) == 6
+    assert adapter_bytes(out) == adapter_bytes(tmp_path / "whole")
+
+
+def test_checkpoints_rotate_keeping_the_newest(tmp_path):
+    out = tmp_path / "run"
+    train(quick_settings(out, steps=7, checkpoint_every=1, checkpoints_total_limit=2), progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000006"]
+
+
+def test_an_earlier_run_is_not_overwritten_without_being_asked(tmp_path):
+    out = tmp_path / "run"
+    train(quick_settings(out, steps=2), progress=False)
+    before = adapter_bytes(out)
+    with pytest.raises(UserInputError, match="--resume or --overwrite"):
+        train(quick_settings(out, steps=2, seed=9), progress=False)
+    with pytest.raises(UserInputError, match="'castle', not 'tower'"):
+        train(quick_settings(out, concept="tower", steps=2), resume=True, progress=False)
+    assert adapter_bytes(out) == before
+    train(quick_settings(out, steps=2, seed=9), overwrite=True, progress=False)
+    assert adapter_bytes(out) != before
+
+
+def test_non_finite_loss_is_skipped_or_stops(tmp_path, monkeypatch):
+    real_loss = train_module._loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train_module, "_loss", sometimes_nan)
+    result = train(quick_settings(tmp_path / "skip"), progress=False)
+    assert result.skipped_steps == 1
+    assert all(torch.isfinite(t).all() for t in read_adapter(result.adapter_path).tensors.values())
+
+    calls["n"] = 0
+    with pytest.raises(TrainingError, match="NaN/inf at step 1"):
+        train(quick_settings(tmp_path / "stop", on_nan="stop"), progress=False)
+    assert not (tmp_path / "stop" / "castle.safetensors").exists()
+
+
+def test_prior_preservation_generates_missing_class_images(tmp_path):
+    out = tmp_path / "run"
+    class_dir = tmp_path / "class"
+    train(quick_settings(out, steps=2, prior_preservation=True, class_prompt="a grey square",
+                         class_images=str(class_dir), num_class_images=2), progress=False)
+    assert len(list(class_dir.glob("*.png"))) == 2
+    assert (out / "castle.safetensors").is_file()
+
+
+def test_min_snr_weights_match_the_formula():
+    alphas_cumprod = torch.tensor([0.9, 0.5, 0.1])
+    t = torch.tensor([0, 1, 2])
+    snr = alphas_cumprod / (1 - alphas_cumprod)  # 9, 1, 1/9
+    eps = snr_weights(alphas_cumprod, t, 5.0, v_prediction=False)
+    assert torch.allclose(eps, torch.tensor([5 / 9, 1.0, 1.0]))
+    v = snr_weights(alphas_cumprod, t, 5.0, v_prediction=True)
+    assert torch.allclose(v, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def test_method_learning_rates_follow_the_method_unless_given(tmp_path):
+    tiny = quick_settings(tmp_path / "x")
+    assert tiny.learning_rate(1e-3) == 1e-2  # configs/training/tiny.yaml: filter atoms at 1e-2
+    full = quick_settings(tmp_path / "y", method="full", preset=None)
+    assert full.learning_rate(5e-6) == 5e-6
+    assert quick_settings(tmp_path / "z", lr=3e-4).learning_rate(1e-3) == 3e-4

@@ -47,6 +47,16 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_loading_bars()
+
+
+def _quiet_loading_bars() -> None:
+    # the libraries' own "Loading weights" bars would bury our one progress bar
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 @cli.command()
@@ -72,7 +82,8 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
 @click.option("--gradient-checkpointing", is_flag=True, default=None)
 @click.option("--prior-preservation", is_flag=True, default=None)
-@click.option("--class-prompt")
+@click.option("--class-prompt", "class_prompt", multiple=True,
+              help="Prompt for prior-preservation images (repeatable: the images cycle through them).")
 @click.option("--class-images")
 @click.option("--num-class-images", type=int)
 @click.option("--min-snr-gamma", type=float)
@@ -91,6 +102,8 @@ def train(**kwargs: Any) -> None:
     config_file = kwargs.pop("config_file")
     kwargs["method_options"] = _parse_options(kwargs.pop("method_option"))
     kwargs["validation_prompts"] = list(kwargs["validation_prompts"]) or None
+    class_prompt = list(kwargs["class_prompt"])
+    kwargs["class_prompt"] = None if not class_prompt else class_prompt[0] if len(class_prompt) == 1 else class_prompt
     settings = resolve_settings(kwargs, config_file)
     try:
         result = run_training(settings, resume=resume, overwrite=overwrite, progress=not quiet)

@@ -20,6 +20,11 @@ def model_label(model: str | None) -> str:
     return BUNDLED_MODEL_ID if model is None else str(model)
 
 
+def _looks_like_a_path(model: str) -> bool:
+    # hub ids are "name" or "owner/name"; anything else (absolute, relative, deeper) is a local path
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+
+
 def load_pipeline(model: str | None, dtype: torch.dtype = torch.float32):
     """A StableDiffusionPipeline without safety checker, from `model` (None: the bundled tiny model)."""
     from diffusers import StableDiffusionPipeline
@@ -35,11 +40,13 @@ def load_pipeline(model: str | None, dtype: torch.dtype = torch.float32):
             if not (source / "model_index.json").is_file():
                 raise UserInputError(f"{source} is not a diffusers pipeline folder (no model_index.json).")
             pipe = StableDiffusionPipeline.from_pretrained(str(source), **kwargs)
+        elif _looks_like_a_path(str(model)):
+            raise UserInputError(f"The model folder {source} does not exist.")
         else:
             pipe = StableDiffusionPipeline.from_pretrained(str(model), **kwargs)  # a hub id
     except UserInputError:
         raise
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise UserInputError(f"Cannot load the base model {model_label(model)!r}: {str(exc).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -202,8 +202,8 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     instance = _latent_set(pipe, [i.image for i in images], prompts, settings, device, weight_dtype, 0)
     prior = None
     if class_images is not None:
-        prior = _latent_set(pipe, class_images, [settings.class_prompt] * len(class_images), settings, device,
-                            weight_dtype, 1)
+        prior = _latent_set(pipe, [i.image for i in class_images], [i.caption for i in class_images], settings,
+                            device, weight_dtype, 1)
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type

@@ -40,7 +40,7 @@ class TrainingSettings:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     prior_preservation: bool = False
-    class_prompt: str | None = None
+    class_prompt: str | list[str] | None = None
     class_images: str | None = None
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
@@ -69,6 +69,13 @@ class TrainingSettings:
         return float(self.lr_by_method.get(self.method, method_default))
 
     @property
+    def class_prompts(self) -> list[str]:
+        """The class prompt(s) as a list (one prompt, or several that class images cycle through)."""
+        if self.class_prompt is None:
+            return []
+        return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
+
+    @property
     def output_path(self) -> Path:
         """Where the run writes (default: outputs/<concept>)."""
         return Path(self.output_dir) if self.output_dir else Path("outputs") / self.concept
@@ -93,7 +100,10 @@ class TrainingSettings:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}.")
         if self.num_class_images < 0:
             raise ConfigError("--num-class-images must not be negative.")
-        if self.prior_preservation and not self.class_prompt:
+        if self.class_prompt is not None and (not self.class_prompts or not all(
+                isinstance(p, str) and p.strip() for p in self.class_prompts)):
+            raise ConfigError("--class-prompt must be a non-empty prompt (or a list of them).")
+        if self.prior_preservation and not self.class_prompts:
             raise ConfigError("--prior-preservation needs --class-prompt (for example 'a photo of a castle').")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ConfigError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}.")

@@ -51,12 +51,14 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 def _quiet_loading_bars() -> None:
-    # the libraries' own "Loading weights" bars would bury our one progress bar
+    # the libraries' own loading bars and dtype notices would bury our one progress bar
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
 @cli.command()

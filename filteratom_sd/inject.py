@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -95,7 +96,10 @@ def add_adapter(unet: nn.Module, method: AdapterMethod, adapter_name: str = "def
         raise ConfigError(f"An adapter named '{adapter_name}' is already attached.")
     method.inject(unet, adapter_name)
     for name, reason in sorted(method.skipped.items()):
-        logger.info("not adapted: %s (%s)", name, reason)
+        logger.debug("not adapted: %s (%s)", name, reason)
+    reasons = Counter(method.skipped.values())
+    for reason, times in sorted(reasons.items()):
+        logger.info("not adapted: %d layer(s): %s (listed with --verbose)", times, reason)
     unet.requires_grad_(False)
     params = method.trainable_parameters(unet, adapter_name)
     for p in params:

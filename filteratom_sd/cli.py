@@ -89,6 +89,9 @@ def _quiet_loading_bars() -> None:
 @click.option("--class-images")
 @click.option("--num-class-images", type=int)
 @click.option("--min-snr-gamma", type=float)
+@click.option("--masked-loss/--no-masked-loss", default=None,
+              help="Weight the loss by each image's alpha channel (transparent pixels are background).")
+@click.option("--unmasked-weight", type=float, help="Loss weight of background pixels with --masked-loss (default 0).")
 @click.option("--checkpoint-every", type=int)
 @click.option("--checkpoints-total-limit", type=int)
 @click.option("--validation-prompt", "validation_prompts", multiple=True)

@@ -34,6 +34,7 @@ class ConceptImage:
     path: Path
     image: Image.Image
     caption: str | None
+    mask: Image.Image | None = None  # "L": the alpha channel, when the file had transparency
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -52,13 +53,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read_image(path: Path) -> Image.Image:
+def alpha_mask(image: Image.Image) -> Image.Image | None:
+    """The alpha channel as an "L" image when `image` has real transparency, else None."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "PA"):
+        return None
+    alpha = image.getchannel("A")
+    return alpha if alpha.getextrema()[0] < 255 else None
+
+
+def _read_image(path: Path) -> tuple[Image.Image, Image.Image | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as handle:
             handle.seek(0)  # animated GIF/WebP: the first frame
             handle.load()
-            return to_rgb(handle)
+            return to_rgb(handle), alpha_mask(handle)
 
 
 def _captions(folder: Path) -> dict[str, str]:
@@ -102,7 +114,7 @@ def load_concept_images(folder: str | os.PathLike) -> list[ConceptImage]:
     images = []
     for path in files:
         try:
-            image = _read_image(path)
+            image, mask = _read_image(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
                 EOFError) as exc:
             logger.warning("skipping %s: not a readable image (%s)", path.name, type(exc).__name__)
@@ -114,7 +126,7 @@ def load_concept_images(folder: str | os.PathLike) -> list[ConceptImage]:
         text_file = path.with_suffix(".txt")
         if caption is None and text_file.is_file():
             caption = text_file.read_text(encoding="utf-8").strip() or None
-        images.append(ConceptImage(path, image, caption))
+        images.append(ConceptImage(path, image, caption, mask))
     if not images:
         raise DataError(f"None of the {len(files)} image files in {folder} could be read.")
     if not NORMAL_COUNT[0] <= len(images) <= NORMAL_COUNT[1]:
@@ -127,38 +139,52 @@ def instance_prompts(images: list[ConceptImage], token: str, templates: list[str
     return [img.caption or templates[i % len(templates)].format(token) for i, img in enumerate(images)]
 
 
+def _view_geometry(size: tuple[int, int], resolution: int, center_crop: bool,
+                   generator: torch.Generator | None) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(resized size, crop box) that resize the short side to `resolution` and crop a square."""
+    width, height = size
+    scale = resolution / min(width, height)
+    resized = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if center_crop or generator is None:
+        left, top = (resized[0] - resolution) // 2, (resized[1] - resolution) // 2
+    else:
+        left = int(torch.randint(0, resized[0] - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, resized[1] - resolution + 1, (1,), generator=generator))
+    return resized, (left, top, left + resolution, top + resolution)
+
+
+def _to_tensor(image: Image.Image, resized: tuple[int, int], box: tuple[int, int, int, int]) -> torch.Tensor:
+    array = np.asarray(image.resize(resized, Image.Resampling.BICUBIC).crop(box), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1).contiguous()
+
+
 def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square (centre or random), scale to [-1, 1] CHW."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    if center_crop or generator is None:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left = int(torch.randint(0, size[0] - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, size[1] - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return _to_tensor(image, *_view_geometry(image.size, resolution, center_crop, generator))
 
 
 def training_views(
-    images: list[Image.Image], resolution: int, center_crop: bool, flip: bool, seed: int, crops_per_image: int = 4
-) -> tuple[torch.Tensor, list[int]]:
+    images: list[Image.Image], resolution: int, center_crop: bool, flip: bool, seed: int, crops_per_image: int = 4,
+    masks: list[Image.Image | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """All augmented views to encode once: crops (one, or several random ones) and their mirror images.
 
-    Returns the stacked views and, for each, the index of its source image.
+    Returns the stacked views (N x 3 x r x r), their masks (N x 1 x r x r in [0, 1], all ones for
+    images without a mask; cropped and flipped with their view) and each view's source image.
     """
     generator = torch.Generator().manual_seed(seed)
-    views, owners = [], []
+    views, view_masks, owners = [], [], []
     crops = 1 if center_crop else crops_per_image
-    for index, image in enumerate(images):
+    masks = masks or [None] * len(images)
+    for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
         for _ in range(crops):
-            view = image_to_tensor(image, resolution, center_crop, generator)
-            views.append(view)
-            owners.append(index)
-            if flip:
-                views.append(view.flip(-1))
+            geometry = _view_geometry(image.size, resolution, center_crop, generator)
+            view = _to_tensor(image, *geometry)
+            # the mask gets exactly its view's resize, crop and flip
+            view_mask = (_to_tensor(mask, *geometry) + 1) / 2 if mask is not None else torch.ones(1, *view.shape[1:])
+            pairs = [(view, view_mask), (view.flip(-1), view_mask.flip(-1))] if flip else [(view, view_mask)]
+            for v, m in pairs:
+                views.append(v)
+                view_masks.append(m.clamp(0, 1))
                 owners.append(index)
-    return torch.stack(views), owners
+    return torch.stack(views), torch.stack(view_masks), owners

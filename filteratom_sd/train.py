@@ -20,7 +20,7 @@ import yaml
 from .adapter_io import save_adapter
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .data import instance_prompts, load_concept_images, training_views
-from .errors import ConfigError, TrainingError, UserInputError
+from .errors import ConfigError, DataError, TrainingError, UserInputError
 from .inject import add_adapter
 from .methods import method_class
 from .model_card import write_model_card
@@ -115,28 +115,35 @@ def _encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
 
 
 class _LatentSet:
-    """Cached latents of a set of views and the prompt embedding of each view."""
+    """Cached latents of a set of views, each view's loss weights and prompt embedding."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, embeddings: torch.Tensor, prompt_of_view: list[int],
-                 scaling: float) -> None:
-        self.mean, self.std, self.embeddings, self.scaling = mean, std, embeddings, scaling
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weights: torch.Tensor, embeddings: torch.Tensor,
+                 prompt_of_view: list[int], scaling: float) -> None:
+        self.mean, self.std, self.weights, self.embeddings, self.scaling = mean, std, weights, embeddings, scaling
         self.prompt_of_view = torch.tensor(prompt_of_view)
 
-    def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.mean), (count,), generator=generator)
         eps = torch.randn(self.std[idx].shape, generator=generator).to(self.std.device)
         latents = (self.mean[idx] + self.std[idx] * eps) * self.scaling
-        return latents, self.embeddings[self.prompt_of_view[idx].to(self.embeddings.device)]
+        return latents, self.embeddings[self.prompt_of_view[idx].to(self.embeddings.device)], self.weights[idx]
 
 
-def _latent_set(pipe, images, prompts, settings, device, dtype, seed_offset: int) -> _LatentSet:
-    views, owners = training_views(images, settings.resolution, settings.center_crop, settings.flip,
-                                   settings.seed + seed_offset)
+def loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], unmasked_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights from image masks (N x 1 x H x W in [0, 1]): 1 inside, unmasked_weight outside."""
+    coverage = F.interpolate(masks, size=latent_size, mode="area")
+    return unmasked_weight + (1.0 - unmasked_weight) * coverage
+
+
+def _latent_set(pipe, images, prompts, settings, device, dtype, seed_offset: int, masks=None) -> _LatentSet:
+    views, view_masks, owners = training_views(images, settings.resolution, settings.center_crop, settings.flip,
+                                               settings.seed + seed_offset, masks=masks)
     mean, std = _encode_latents(pipe.vae, views, device, dtype)
+    weights = loss_weights(view_masks, tuple(mean.shape[-2:]), settings.unmasked_weight if settings.masked_loss else 1.0)
     distinct = sorted(set(prompts))
     embeddings = _encode_prompts(pipe, distinct, device)
     prompt_of_view = [distinct.index(prompts[o]) for o in owners]
-    return _LatentSet(mean, std, embeddings, prompt_of_view, pipe.vae.config.scaling_factor)
+    return _LatentSet(mean, std, weights.to(device), embeddings, prompt_of_view, pipe.vae.config.scaling_factor)
 
 
 class _SignalGuard:
@@ -199,7 +206,10 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     unet.train()
 
     prompts = instance_prompts(images, settings.trigger, settings.prompt_templates)
-    instance = _latent_set(pipe, [i.image for i in images], prompts, settings, device, weight_dtype, 0)
+    masks = [i.mask for i in images]
+    if settings.masked_loss and not any(m is not None for m in masks):
+        raise DataError(f"--masked-loss needs images with transparency (an alpha channel) in {settings.images}.")
+    instance = _latent_set(pipe, [i.image for i in images], prompts, settings, device, weight_dtype, 0, masks)
     prior = None
     if class_images is not None:
         prior = _latent_set(pipe, [i.image for i in class_images], [i.caption for i in class_images], settings,
@@ -284,10 +294,11 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
 
 
 def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, prediction, generator, device, dtype):
-    latents, embeddings = instance.sample(settings.batch_size, generator)
+    latents, embeddings, weights = instance.sample(settings.batch_size, generator)
     if prior is not None:
-        class_latents, class_embeddings = prior.sample(settings.batch_size, generator)
+        class_latents, class_embeddings, class_weights = prior.sample(settings.batch_size, generator)
         latents, embeddings = torch.cat([latents, class_latents]), torch.cat([embeddings, class_embeddings])
+        weights = torch.cat([weights, class_weights])
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -298,7 +309,8 @@ def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, pred
     else:
         raise ConfigError(f"Unsupported prediction type {prediction!r} in the scheduler config.")
     pred = unet(noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    squared = F.mse_loss(pred, target, reduction="none") * weights  # weights are 1 unless --masked-loss
+    per_sample = squared.mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3)).clamp_min(1e-6)
     if settings.min_snr_gamma is not None:
         per_sample = per_sample * snr_weights(alphas_cumprod, timesteps, settings.min_snr_gamma,
                                               prediction == "v_prediction")

@@ -45,6 +45,9 @@ class TrainingSettings:
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     min_snr_gamma: float | None = None
+    # Weight the loss by the images' alpha channel (transparent = background), as kohya's masked loss.
+    masked_loss: bool = False
+    unmasked_weight: float = 0.0
     checkpoint_every: int = 250
     checkpoints_total_limit: int = 3
     validation_prompts: list[str] = field(default_factory=list)
@@ -107,6 +110,9 @@ class TrainingSettings:
             raise ConfigError("--prior-preservation needs --class-prompt (for example 'a photo of a castle').")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ConfigError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}.")
+        if isinstance(self.unmasked_weight, bool) or not isinstance(self.unmasked_weight, (int, float)) or \
+                not 0.0 <= self.unmasked_weight <= 1.0:
+            raise ConfigError(f"--unmasked-weight must be between 0 and 1, got {self.unmasked_weight!r}.")
         if self.on_nan not in ("skip", "stop"):
             raise ConfigError(f"--on-nan must be 'skip' or 'stop', got {self.on_nan!r}.")
         for template in self.prompt_templates:

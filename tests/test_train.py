@@ -159,3 +159,31 @@ def test_method_learning_rates_follow_the_method_unless_given(tmp_path):
     full = quick_settings(tmp_path / "y", method="full", preset=None)
     assert full.learning_rate(5e-6) == 5e-6
     assert quick_settings(tmp_path / "z", lr=3e-4).learning_rate(1e-3) == 3e-4
+
+
+def test_masked_loss_counts_only_the_masked_latent_pixels(tmp_path):
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from filteratom_sd.train import _LatentSet, _loss
+
+    latents = torch.randn(1, 4, 4, 4)
+    weights = torch.zeros(1, 1, 4, 4)
+    weights[..., :2] = 1.0  # only the left half of the image is the concept
+    instance = _LatentSet(latents, torch.zeros_like(latents), weights, torch.zeros(1, 3, 8), [0], scaling=1.0)
+    prediction = torch.randn(1, 4, 4, 4)
+
+    def fake_unet(noisy, timesteps, embeddings):
+        return SimpleNamespace(sample=prediction)
+
+    scheduler = DDPMScheduler()
+    settings = quick_settings(tmp_path, batch_size=1)
+    loss = _loss(fake_unet, instance, None, settings, scheduler, scheduler.alphas_cumprod, "epsilon",
+                 torch.Generator().manual_seed(0), "cpu", torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    torch.randint(0, 1, (1,), generator=generator)  # the view index drawn first
+    torch.randn(latents.shape, generator=generator)  # the latent sample (std 0 here)
+    noise = torch.randn(latents.shape, generator=generator)
+    expected = (prediction - noise)[..., :2].pow(2).mean()
+    assert torch.isclose(loss, expected)

@@ -155,7 +155,7 @@ def test_min_snr_weights_match_the_formula():
 
 def test_method_learning_rates_follow_the_method_unless_given(tmp_path):
     tiny = quick_settings(tmp_path / "x")
-    assert tiny.learning_rate(1e-3) == 1e-2  # configs/training/tiny.yaml: filter atoms at 1e-2
+    assert tiny.learning_rate(1e-3) == 3e-3  # configs/training/tiny.yaml: filter atoms at 3e-3
     full = quick_settings(tmp_path / "y", method="full", preset=None)
     assert full.learning_rate(5e-6) == 5e-6
     assert quick_settings(tmp_path / "z", lr=3e-4).learning_rate(1e-3) == 3e-4

@@ -207,3 +207,16 @@ def test_tensors_of_the_wrong_shape_are_refused(tmp_path):
     with pytest.raises(AdapterFormatError, match="misshapen"):
         load_adapter(unet, tmp_path / "bad.safetensors")
     assert not any(isinstance(m, AdaptedLayer) for m in unet.modules())
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from filteratom_sd.atomic import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

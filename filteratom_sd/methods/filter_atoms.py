@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -275,6 +276,7 @@ class FilterAtomMethod(LayerDeltaMethod):
             self.layouts[target] = layout
             self.reports[target] = dataclasses.replace(found, alpha=None)  # alpha lives in the layer only
         self.targets = list(targets)
-        if self.reports:
-            worst = max(r.relative_error for r in self.reports.values())
-            logger.info("filter atoms: %d layers decomposed, worst relative error %.3g", len(self.reports), worst)
+        # Layers loaded from a file whose alpha is derived from W skip the error (NaN): report the computed ones.
+        errors = [r.relative_error for r in self.reports.values() if math.isfinite(r.relative_error)]
+        if errors:
+            logger.info("filter atoms: %d layers decomposed, worst relative error %.3g", len(self.reports), max(errors))

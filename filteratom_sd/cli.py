@@ -205,6 +205,72 @@ def decompose(model: str | None, preset: str, cache_dir: str | None) -> None:
     click.echo(f"{len(reports)} layers in {time.time() - start:.1f} s; cache: {path}")
 
 
+_METRICS_HELP = "tiny (offline checker; default for the bundled model) or embedding (DINOv2 + CLIP, the paper's; default otherwise)."
+
+
+@cli.command(name="eval")
+@click.option("--adapter", "adapters", multiple=True, help="Adapter file (repeatable).")
+@click.option("--base", "include_base", is_flag=True, help="Also score the base model without an adapter.")
+@click.option("--images", required=True, help="Folder of the concept's training images (for fidelity).")
+@click.option("--model", help="Base model (default: the bundled tiny model).")
+@click.option("--token", help="Trigger token in the prompts (default: each adapter's own).")
+@click.option("--prompts-file", help="Prompt-set YAML (default: configs/eval/tiny.yaml or dreambooth.yaml).")
+@click.option("--metrics", type=click.Choice(["tiny", "embedding"]), help=_METRICS_HELP)
+@click.option("--image-encoder", default=None, help="DINOv2 model for fidelity and diversity (hub id or folder).")
+@click.option("--clip-model", default=None, help="CLIP model for alignment (hub id or folder).")
+@click.option("--out", default="eval.json", show_default=True, help="JSON file to write.")
+def evaluate(adapters, include_base, images, model, token, prompts_file, metrics, image_encoder, clip_model, out) -> None:
+    """Score adapters: fidelity, diversity (Vendi) and text-image alignment of images from a prompt set."""
+    from .adapter_eval import EvalRequest, run_eval
+    from .evaluate import DEFAULT_CLIP_MODEL, DEFAULT_IMAGE_ENCODER
+
+    request = EvalRequest(list(adapters), images, model, include_base, token, prompts_file, metrics,
+                          image_encoder or DEFAULT_IMAGE_ENCODER, clip_model or DEFAULT_CLIP_MODEL, Path(out))
+    report = run_eval(request)
+    for row in report["results"]:
+        click.echo(f"{row['label']}: fidelity {row['fidelity']:.4f}, diversity {row['diversity']:.3f}, "
+                   f"alignment {row['alignment']:.4f} ({row['images']} images)")
+    click.echo(f"Results: {out}")
+
+
+@cli.command()
+@click.option("--concept", required=True, help="Name of the concept; the trigger token defaults to <NAME>.")
+@click.option("--images", required=True, help="Folder of the concept's images.")
+@click.option("--methods", "methods", default=None,
+              help="Comma-separated method[:preset or key=value,...] (default: C1-C4 and every baseline), "
+                   "e.g. filter-atoms:C1,lora:r=4,lokr:factor=4,lr=1e-3.")
+@click.option("--out", default="comparison", show_default=True, help="Report folder (runs are kept in OUT/runs).")
+@click.option("--model", help="Base model (default: the bundled tiny model).")
+@click.option("--token", help="Trigger token (default: <concept>).")
+@click.option("--steps", type=int, help="Training steps of every method (default: the base model's config).")
+@click.option("--seed", type=int, help="Seed of every run (default 0).")
+@click.option("--config", "config_file", help="YAML file of training settings shared by every run.")
+@click.option("--prompts-file", help="Prompt-set YAML (default: configs/eval/tiny.yaml or dreambooth.yaml).")
+@click.option("--metrics", type=click.Choice(["tiny", "embedding"]), help=_METRICS_HELP)
+@click.option("--image-encoder", default=None, help="DINOv2 model for fidelity and diversity (hub id or folder).")
+@click.option("--clip-model", default=None, help="CLIP model for alignment (hub id or folder).")
+@click.option("--no-base", is_flag=True, help="Leave out the base model's reference row.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare(concept, images, methods, out, model, token, steps, seed, config_file, prompts_file, metrics, image_encoder,
+            clip_model, no_base, quiet) -> None:
+    """Train several methods with the same seed and steps, score them, write a report (finished runs are reused)."""
+    import shlex
+
+    from .compare import DEFAULT_METHODS, CompareRequest, parse_method_specs, run_comparison, table_markdown
+    from .evaluate import DEFAULT_CLIP_MODEL, DEFAULT_IMAGE_ENCODER
+
+    specs = parse_method_specs(methods or DEFAULT_METHODS)
+    command = "fa-sd " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("--debug", "-v", "--verbose"))
+    request = CompareRequest(concept, images, specs, Path(out), model, token, steps, seed, config_file,
+                             prompts_file=prompts_file, metrics=metrics,
+                             image_encoder=image_encoder or DEFAULT_IMAGE_ENCODER,
+                             clip_model=clip_model or DEFAULT_CLIP_MODEL, include_base=not no_base,
+                             progress=not quiet, command=command)
+    records = run_comparison(request)
+    click.echo(table_markdown(records))
+    click.echo(f"Report: {Path(out) / 'report.md'}")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning errors into one-line messages and exit codes."""
     debug = "--debug" in sys.argv[1:]

@@ -1,4 +1,4 @@
-"""Print trainable-parameter counts of filter atoms C1-C4 and LoRA on the SD v1.4 UNet (no weights needed).
+"""Print trainable-parameter counts of filter atoms C1-C4, LoRA and the other methods on the SD v1.4 UNet (no weights needed).
 
 Usage: python scripts/param_counts.py [--unet-config configs/models/sd-v1-4-unet.json] [--json]
 """
@@ -9,10 +9,16 @@ import argparse
 import json
 
 from filteratom_sd.config import PRESETS, FilterAtomConfig
-from filteratom_sd.inject import select_targets
+from filteratom_sd.inject import add_adapter, select_targets
+from filteratom_sd.methods import method_class
 from filteratom_sd.param_count import SD_V1_4_UNET_CONFIG, build_unet_on_meta, filter_atom_parameters, lora_parameters
 
-PAPER_TABLE_2 = {"C1": 0.05, "C2": 0.75, "C3": 2.39, "C4": 587, "LoRA r=1": 1.42, "LoRA r=4": 5.67, "LoRA r=16": 22.67}
+PAPER_TABLE_2 = {"C1": 0.05, "C2": 0.75, "C3": 2.39, "C4": 587, "LoRA r=1": 1.42, "LoRA r=4": 5.67, "LoRA r=16": 22.67,
+                 "LoHa r=4": 8.47, "LoKr r=4, factor 4": 1.06, "OFT block 32": 11.75, "DiffFit": 0.58, "BitFit": 0.34,
+                 "full": 860}
+# The other methods with their default options, counted by injecting them into a weightless UNet.
+OTHER_METHODS = {"LieRA r=4": "liera", "LoHa r=4": "loha", "LoKr r=4, factor 4": "lokr", "OFT block 32": "oft",
+                 "BitFit": "bitfit", "DiffFit": "difffit", "full": "full"}
 
 
 def main() -> None:
@@ -28,6 +34,8 @@ def main() -> None:
     targets = list(select_targets(unet, FilterAtomConfig.preset("C2"))[0])
     for rank in (1, 4, 16):
         rows[f"LoRA r={rank}"] = lora_parameters(unet, targets, rank)
+    for label, method in OTHER_METHODS.items():
+        rows[label] = add_adapter(build_unet_on_meta(args.unet_config), method_class(method).from_config_dict({}))
     if args.json:
         print(json.dumps({"unet_parameters": total, "targets": len(targets), "counts": rows}, indent=2))
         return

@@ -23,7 +23,7 @@ from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 NORMAL_COUNT = (3, 20)
 
 
@@ -109,7 +109,7 @@ def load_concept_images(folder: str | os.PathLike) -> list[ConceptImage]:
         raise DataError(f"The image folder {folder} does not exist.")
     files = list_image_files(folder)
     if not files:
-        raise DataError(f"The image folder {folder} holds no .jpg, .png or .webp images.")
+        raise DataError(f"The image folder {folder} holds no .jpg, .png, .webp or .gif images.")
     captions = _captions(folder)
     images = []
     for path in files:

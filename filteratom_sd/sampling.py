@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from .errors import UserInputError
 from .images import save_grid, save_image
 from .models import load_pipeline
 from .pipeline import fuse_adapter, load_adapter
+
+logger = logging.getLogger(__name__)
 
 _DEFAULTS = {True: (20, 5.0), False: (30, 7.5)}  # (steps, guidance) for the bundled model / others
 
@@ -52,6 +55,16 @@ class SampleRequest:
                 raise UserInputError(f"No adapter file at {adapter}.")
 
 
+def truncate_prompt(tokenizer, prompt: str) -> str:
+    """The prompt cut to what the text encoder reads (model_max_length tokens), with a warning when cut."""
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
+    limit = tokenizer.model_max_length - 2  # start and end tokens
+    if len(ids) <= limit:
+        return prompt
+    logger.warning("prompt truncated to %d tokens (it has %d): %.60s...", limit, len(ids), prompt)
+    return tokenizer.decode(ids[:limit], clean_up_tokenization_spaces=False)
+
+
 def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
 
@@ -68,6 +81,7 @@ def run_sampling(request: SampleRequest) -> list[Path]:
     steps, guidance = _DEFAULTS[request.model is None]
     written = []
     for index, prompt in enumerate(request.prompts):
+        prompt = truncate_prompt(pipe.tokenizer, prompt)
         images = []
         for n in range(request.num_images):
             generator = torch.Generator().manual_seed(request.seed + n)

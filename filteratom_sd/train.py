@@ -108,7 +108,10 @@ def _encode_latents(vae, views: torch.Tensor, device, dtype, batch: int = 8) -> 
 
 @torch.no_grad()
 def _encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
+    from .sampling import truncate_prompt
+
     tokenizer = pipe.tokenizer
+    prompts = [truncate_prompt(tokenizer, p) for p in prompts]  # warns, instead of cutting silently
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     return pipe.text_encoder(ids)[0].float()

@@ -52,7 +52,7 @@ def _folder_with(tmp_path, files: dict[str, bytes]):
 
 @pytest.mark.parametrize("case, extra, fragment", [
     ("missing folder", ["--images", "{tmp}/nowhere"], "does not exist"),
-    ("empty folder", ["--images", "{empty}"], "holds no .jpg, .png or .webp"),
+    ("empty folder", ["--images", "{empty}"], "holds no .jpg, .png, .webp or .gif"),
     ("only corrupt images", ["--images", "{corrupt}"], "could be read"),
     ("unknown preset", ["--preset", "C9"], "C9"),
     ("unknown method", ["--method", "dora"], "Unknown method 'dora'"),

@@ -245,7 +245,8 @@ def _save_grid(samples: list, prompt_set: PromptSet, path: Path) -> None:
     chosen = [s.image for s in samples if s.seed in seeds and s.index < columns]
     thumbs = [im if max(im.size) <= GRID_THUMBNAIL else im.resize((GRID_THUMBNAIL, GRID_THUMBNAIL), Image.Resampling.LANCZOS)
               for im in chosen]
-    save_image(make_grid(thumbs, columns), path)
+    # 256 colours: a third of the bytes, so report folders with a dozen grids stay small enough to commit.
+    save_image(make_grid(thumbs, columns).quantize(colors=256, dither=Image.Dither.NONE), path)
 
 
 class _Evaluator:
@@ -441,8 +442,8 @@ def write_report(request: CompareRequest, records: list[RunRecord], settings: Tr
               f"on the {references} images of {settings.trigger}; captions from the prompt templates "
               f"{', '.join(repr(t) for t in settings.prompt_templates)}.",
               lr_line,
-              "- Training time is the training loop's wall time on this machine (model loading and the final "
-              f"validation grid excluded).",
+              "- Training time is the wall time of train() after the model is loaded and patched: the steps, the "
+              "final validation grid and the model card, on the machine that ran the comparison.",
               f"- Evaluation: {len(prompt_set.prompts)} prompts ({prompt_set.source}) x {len(prompt_set.seeds)} seeds "
               f"= {images} images per method, {prompt_set.steps} sampling steps, guidance {prompt_set.guidance_scale:g}.",
               f"- Metrics ({metrics}):", *_metric_notes(metrics), "",

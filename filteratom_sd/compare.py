@@ -374,27 +374,40 @@ def table_markdown(records: list[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+def _short(label: str) -> str:
+    return label.replace("filter-atoms:", "")
+
+
 def write_plot(records: list[RunRecord], path: Path, title: str) -> Path:
     """Alignment against fidelity, marker area growing with the square root of the trainable parameters."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     largest = max([r.trainable_parameters for r in records] + [1])
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
-    for r in records:
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    handles = []
+    for i, r in enumerate(records):
         if r.method is None:
-            ax.scatter(r.fidelity, r.alignment, s=80, marker="x", color="black", zorder=3)
+            colour, marker = "black", "x"
+            ax.scatter(r.fidelity, r.alignment, s=80, marker=marker, color=colour, zorder=3)
         else:
+            colour, marker = plt.cm.tab20(i % 20), "o"
             size = 30 + 900 * math.sqrt(r.trainable_parameters / largest)
-            ax.scatter(r.fidelity, r.alignment, s=size, alpha=0.55, edgecolors="black", linewidths=0.6, zorder=2)
-        ax.annotate(r.label, (r.fidelity, r.alignment), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            ax.scatter(r.fidelity, r.alignment, s=size, color=colour, alpha=0.6, edgecolors="black", linewidths=0.6,
+                       zorder=2)
+        ax.annotate(_short(r.label), (r.fidelity, r.alignment), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        handles.append(Line2D([0], [0], marker=marker, linestyle="", color=colour, markersize=7,
+                              label=f"{r.label} ({r.trainable_parameters:,})" if r.method else r.label))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False,
+              title="method (trainable parameters)", title_fontsize=8)
     ax.set_xlabel("fidelity ↑")
     ax.set_ylabel("text–image alignment ↑")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.margins(0.15)
+    ax.margins(0.12)
     fig.text(0.99, 0.01, "marker area ∝ √(trainable parameters); × = base model", ha="right", fontsize=7, color="grey")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

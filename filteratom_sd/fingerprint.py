@@ -1,7 +1,7 @@
 """Fingerprints of base weights: tell whether an adapter was made for these weights.
 
 Each adapted layer gets a signature: its norm and two fixed pseudo-random projections,
-in float64. Signatures survive a cast to fp16/bf16 (the comparison is relative to the
+computed in one float32 pass over the weight. Signatures survive a cast to fp16/bf16 (the comparison is relative to the
 layer's norm) but change when the weights themselves differ.
 """
 
@@ -18,21 +18,32 @@ from torch import Tensor, nn
 # difference, so bases within ~2% of each other count as the same.
 TOLERANCE = 2e-2
 _MULTIPLIERS = (2654435761, 2246822519)
+_ROW_MULTIPLIERS = (2246822507, 3266489917)
+# Weights are read as rows of this many values: one matrix-vector pass over memory per layer.
+_ROW = 1024
 
 
 def _sign_pattern(n: int, multiplier: int, device: torch.device) -> Tensor:
     # A hash of the index, identical on every device and independent of any RNG state.
     index = torch.arange(n, device=device, dtype=torch.int64)
     bits = ((index * multiplier) % 4294967296) >> 31
-    return bits.double() * 2 - 1
+    return bits.float() * 2 - 1
 
 
 def weight_signature(weight: Tensor) -> list[float]:
-    """[norm, projection 1, projection 2] of a weight tensor, in float64."""
-    flat = weight.detach().reshape(-1).double()
-    values = [float(flat.norm())]
-    values += [float(flat @ _sign_pattern(flat.numel(), m, flat.device)) for m in _MULTIPLIERS]
-    return values
+    """[norm, projection 1, projection 2] of a weight tensor.
+
+    Each projection is a fixed pseudo-random sign pattern b_k^T F a_k over the weight read as
+    rows F of `_ROW` values (the tail as one more short row), so the weight is read once, in float32.
+    """
+    flat = weight.detach().reshape(-1)
+    flat = flat if flat.dtype == torch.float32 else flat.float()
+    rows, tail = divmod(flat.numel(), _ROW)
+    columns = torch.stack([_sign_pattern(_ROW, m, flat.device) for m in _MULTIPLIERS], dim=1)
+    row_signs = torch.stack([_sign_pattern(rows + 1, m, flat.device) for m in _ROW_MULTIPLIERS], dim=1)
+    per_row = torch.cat([flat[: rows * _ROW].view(rows, _ROW) @ columns, (flat[rows * _ROW:] @ columns[:tail])[None]])
+    projections = (per_row.double() * row_signs.double()).sum(dim=0)
+    return [float(torch.linalg.vector_norm(flat))] + [float(v) for v in projections]
 
 
 def base_weight(module: nn.Module) -> Tensor:

@@ -18,10 +18,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes owner-only files; a saved file gets the usual mode
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes owner-only files, and writers that recreate the file keep that: the saved file gets the usual mode
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)

@@ -209,11 +209,15 @@ class AdaptedLayer(nn.Module):
 
     def _cache_key(self, names: list[str]) -> tuple | None:
         try:
-            parts: list[Any] = [tuple(names), tuple(self.scales[n] for n in names)]
-            tensors = [self.base_layer.weight, self.base_layer.bias, self._weight_backup]
-            tensors += [t for n in names for t in itertools.chain(self.deltas[n].parameters(), self.deltas[n].buffers())]
+            weight = self.base_layer.weight
+            parts: list[Any] = [tuple(names), tuple(self.scales[n] for n in names), weight.dtype, weight.device]
+            tensors = [weight, self.base_layer.bias, self._weight_backup]
+            # the modules' own dicts: parameters()/buffers() generators cost more than the convolution on small layers
+            tensors += [t for n in names for module in self.deltas[n].modules()
+                        for t in itertools.chain(module._parameters.values(), module._buffers.values())]
             for t in tensors:
-                parts.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)))
+                # new storage (a cast, a move, a replaced tensor) changes the pointer; in-place edits the version
+                parts.append(None if t is None else (t.data_ptr(), t._version))
             return tuple(parts)
         except RuntimeError:  # inference-mode tensors carry no version counter: do not cache
             return None

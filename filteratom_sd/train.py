@@ -7,6 +7,8 @@ reproducible and a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -74,6 +76,37 @@ def check_output_dir(settings: TrainingSettings, resume: bool, overwrite: bool) 
         return
     if not overwrite:
         raise UserInputError(f"{out} already holds a run for the concept {concept!r}; pass --resume or --overwrite.")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_writable(out: Path) -> None:
+    """Refuse an output folder (or the folder it will be made in) that this user cannot write to."""
+    place = _existing_ancestor(out)
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise UserInputError(f"Cannot write to {place}: choose another --output-dir.")
+
+
+def bytes_needed(trainable: int, settings: TrainingSettings) -> int:
+    """Disk a run needs: the fp32 adapter, and checkpoints (weights + AdamW's two moments) kept at once."""
+    # +1: a new checkpoint (or the one an interrupt saves) is written before the oldest is removed
+    kept = min(settings.checkpoints_total_limit, settings.steps // settings.checkpoint_every) + 1
+    return 4 * trainable + kept * 12 * trainable + 2**20  # 1 MiB for the card, settings, logs and samples
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse to start a run that the output disk cannot hold."""
+    free = shutil.disk_usage(_existing_ancestor(out)).free
+    if free < needed:
+        raise UserInputError(
+            f"Not enough free space for {out}: the run needs about {needed / 2**20:,.1f} MiB "
+            f"(adapter and checkpoints), {free / 2**20:,.1f} MiB are free."
+        )
 
 
 def build_method(settings: TrainingSettings):
@@ -182,6 +215,7 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     settings.validate()
     images = load_concept_images(settings.images)
     check_output_dir(settings, resume, overwrite)
+    check_output_writable(settings.output_path)
     method = build_method(settings)
     lr = settings.learning_rate(getattr(type(method), "default_lr", 1e-3))
     try:
@@ -199,6 +233,7 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     unet = pipe.unet
     count = add_adapter(unet, method)
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    check_free_space(out, bytes_needed(sum(p.numel() for p in params.values()), settings))
     pipe.vae.requires_grad_(False).eval().to(dtype=weight_dtype)
     pipe.text_encoder.requires_grad_(False).eval().to(dtype=weight_dtype)
     unet.to(dtype=weight_dtype)

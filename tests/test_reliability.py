@@ -18,7 +18,7 @@ from PIL import Image
 import filteratom_sd.train as train_module
 from filteratom_sd.adapter_io import read_adapter
 from filteratom_sd.data import load_concept_images
-from filteratom_sd.errors import AdapterFormatError, ConfigError, DataError
+from filteratom_sd.errors import AdapterFormatError, ConfigError, DataError, UserInputError
 from filteratom_sd.train import train
 from filteratom_sd.training_config import read_yaml
 
@@ -92,6 +92,32 @@ def test_a_read_only_output_folder_fails_before_training(tmp_path):
         assert "writ" in str(raised.value).lower() or isinstance(raised.value, OSError)
     finally:
         parent.chmod(0o700)
+
+
+def test_an_unwritable_output_folder_is_refused_before_loading_anything(tmp_path, monkeypatch):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    # root may write anywhere, so the permission answer is simulated for the folder the run would be made in
+    monkeypatch.setattr(train_module.os, "access", lambda path, mode: Path(path) != parent)
+    monkeypatch.setattr(train_module, "load_pipeline", _must_not_run)
+    with pytest.raises(UserInputError, match=f"Cannot write to {parent}"):
+        train(quick_settings(parent / "run" / "deeper"), progress=False)
+    assert list(parent.iterdir()) == []
+
+
+def test_a_disk_too_small_for_the_run_is_refused_before_training(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = train_module.shutil.disk_usage
+    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: real(path)._replace(free=2**20))
+    with pytest.raises(UserInputError, match="Not enough free space") as raised:
+        train(quick_settings(out), progress=False)
+    # C2 on the tiny test UNet: adapter + checkpoints need more than the 1 MiB left
+    assert "1.0 MiB are free" in str(raised.value)
+    assert not out.exists()
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the model was loaded although the output folder is unwritable")
 
 
 def test_disk_full_while_saving_the_adapter_leaves_no_file_and_keeps_the_checkpoint(tmp_path, monkeypatch):

@@ -569,7 +569,7 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     return out
 
 
-def measure_decomposition(settings: BenchSettings, presets: tuple[str, ...] = ("C2",)) -> dict[str, Any]:
+def measure_decomposition(settings: BenchSettings, presets: tuple[str, ...] = ("C2", "C3")) -> dict[str, Any]:
     """Whole-UNet decomposition time without the cache (writing it) and injection time reading it."""
     from .alpha_cache import decompose_unet
     from .inject import add_filter_atoms, remove_adapter

@@ -25,11 +25,18 @@ def _looks_like_a_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
 
 
+def _dtype_keyword() -> str:
+    # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (deprecating the old name) together with this message
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
 def load_pipeline(model: str | None, dtype: torch.dtype = torch.float32):
     """A StableDiffusionPipeline without safety checker, from `model` (None: the bundled tiny model)."""
     from diffusers import StableDiffusionPipeline
 
-    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs = {_dtype_keyword(): dtype, "safety_checker": None, "requires_safety_checker": False}
     source = bundled_model_path() if model is None else Path(model)
     try:
         if source.suffix in SINGLE_FILE_SUFFIXES:

@@ -59,7 +59,7 @@ class BenchSettings:
     channels_last: bool = False  # GPU only
     cudnn_benchmark: bool = False  # GPU only
     conv_path: str = "auto"  # filter atoms' k x k training path: "auto", "taps" or "weight" (for ablations)
-    recompute_weights: bool = True  # False keeps each W_eff for the backward instead of rebuilding it (ablation)
+    recompute_weights: bool = False  # rebuild each W_eff in the backward, as the trainer does with gradient checkpointing
     profile: bool = False  # add a torch.profiler table of one training step to the report
     cache_dir: str | None = None  # decomposition cache (a fresh temporary folder when None)
     work_dir: str | None = None  # where adapter files are written
@@ -214,7 +214,8 @@ def build_unet(settings: BenchSettings, device: torch.device) -> nn.Module:
     torch.manual_seed(settings.seed)
     if folder is None:
         config = {k: v for k, v in json.loads(SD_V1_4_UNET_CONFIG.read_text()).items() if not k.startswith("_")}
-        unet = UNet2DConditionModel(**config)
+        with device:  # random init of 860M weights takes ~30 s on a CPU, a moment on the GPU itself
+            unet = UNet2DConditionModel(**config)
     else:
         unet = UNet2DConditionModel.from_pretrained(str(folder))
     unet.requires_grad_(False)
@@ -463,7 +464,7 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     from .layers import AdaptedLayer
 
     AdaptedLayer.conv_path = settings.conv_path
-    AdaptedLayer.recompute_weights = settings.recompute_weights
+    AdaptedLayer.recompute_weights = settings.recompute_weights or settings.gradient_checkpointing
     harness = MethodHarness(method, settings)
     load = ForeignLoad()
     memory = PeakMemory(device)

@@ -9,9 +9,10 @@ bit for bit.
 
 Where the cost goes (docs/performance.md has the measurements):
 - training: each update adds itself to W in one fused kernel where it can
-  (`WeightDelta.add_to`), and the effective weight is not kept from forward to
-  backward: the backward rebuilds it (`recompute_weights`), so no layer holds a
-  second weight-sized tensor while the rest of the network runs;
+  (`WeightDelta.add_to`); the effective weight is kept from forward to backward,
+  or, with `recompute_weights` (turned on by gradient checkpointing), rebuilt in
+  the backward so that no layer holds a second weight-sized tensor while the rest
+  of the network runs;
 - sampling without fusing (eval mode, no gradient wanted): the effective weight is
   built once and reused until an update's tensors, its scale or the base weight
   change (`cache_weights`; keyed by the tensors' version counters);
@@ -61,8 +62,9 @@ class WeightDelta(nn.Module):
 class AdaptedLayer(nn.Module):
     """A frozen conv or linear layer plus named additive weight updates."""
 
-    # Rebuild W_eff in the backward pass instead of keeping it from the forward (saves one copy of W per layer).
-    recompute_weights: bool = True
+    # Rebuild W_eff in the backward pass instead of keeping it from the forward: one copy of W per layer
+    # less, for ~1.7x the step time on a GPU (docs/performance.md); `set_weight_recompute` turns it on.
+    recompute_weights: bool = False
     # In eval mode without gradients, reuse W_eff until the updates, scales or base weight change.
     cache_weights: bool = True
     # Training path of a k x k conv whose updates all transform filter taps (`WeightDelta.tap_transform`):
@@ -124,6 +126,8 @@ class AdaptedLayer(nn.Module):
 
     def set_scale(self, name: str, scale: float) -> None:
         """Set the multiplier of one update; a merged layer must be unmerged first."""
+        if name not in self.deltas:
+            raise ConfigError(f"No adapter named '{name}' is on this layer.")
         if self.merged:
             raise ConfigError("Unfuse the adapters before changing their scale.")
         self.scales[name] = float(scale)
@@ -287,6 +291,13 @@ class AdaptedLayer(nn.Module):
         self._bias_backup = None
         self.merged = []
         self.clear_cache()
+
+
+def set_weight_recompute(model: nn.Module, enabled: bool) -> None:
+    """Make every adapted layer in `model` rebuild its effective weight in the backward (saves memory)."""
+    for module in model.modules():
+        if isinstance(module, AdaptedLayer):
+            module.recompute_weights = enabled
 
 
 def _restore(param: Tensor, backup: Tensor) -> None:

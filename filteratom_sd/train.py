@@ -24,6 +24,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .data import instance_prompts, load_concept_images, training_views
 from .errors import ConfigError, DataError, TrainingError, UserInputError
 from .inject import add_adapter
+from .layers import set_weight_recompute
 from .methods import method_class
 from .model_card import write_model_card
 from .models import load_pipeline, model_label
@@ -239,8 +240,9 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     unet.to(dtype=weight_dtype)
     for p in params.values():
         p.data = p.data.float()  # trained parameters stay fp32 under mixed precision
-    if settings.gradient_checkpointing:
+    if settings.gradient_checkpointing:  # trade compute for memory in the adapter's layers too
         unet.enable_gradient_checkpointing()
+        set_weight_recompute(unet, True)
     unet.train()
 
     prompts = instance_prompts(images, settings.trigger, settings.prompt_templates)

@@ -10,7 +10,7 @@ from torch import nn
 
 from filteratom_sd import FilterAtomConfig, add_filter_atoms, fuse_adapter, set_adapter_scale, unfuse_adapter
 from filteratom_sd.decompose import atoms_from_gram, gram_matrix, svd_atoms
-from filteratom_sd.layers import AdaptedLayer, AtomDelta, WeightDelta
+from filteratom_sd.layers import AdaptedLayer, AtomDelta, WeightDelta, set_weight_recompute
 from filteratom_sd.methods.filter_atoms import decompose_layer, decompose_layers
 
 from .tiny_unet import make_inputs, make_unet, run
@@ -187,6 +187,33 @@ def test_training_keeps_no_weight_sized_tensor_for_backward(path):
         out = unet(*inputs).sample
     assert not weight_shapes & set(saved)
     out.mean().backward()  # and the graph still runs
+
+
+def saved_weight_shapes(unet, inputs):
+    """Shapes of adapted layers' weights among the tensors autograd keeps for the backward."""
+    unet.train()
+    weight_shapes = {tuple(layer.base_layer.weight.shape) for layer in adapted_layers(unet)}
+    saved = []
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = unet(*inputs).sample
+    out.mean().backward()
+    return weight_shapes & set(saved)
+
+
+def test_weight_recompute_is_off_by_default_and_switchable():
+    unet, inputs = adapted_unet("C2"), make_inputs()
+    for layer in adapted_layers(unet):
+        layer.conv_path = "weight"
+    assert saved_weight_shapes(unet, inputs)  # fast default: W_eff kept for the backward
+    set_weight_recompute(unet, True)
+    assert all(layer.recompute_weights for layer in adapted_layers(unet))
+    assert not saved_weight_shapes(unet, inputs)
 
 
 # --------------------------------------------------------------------------- derived alpha

@@ -145,6 +145,9 @@ def test_merge_unmerge_restore_exactly_and_scale_multiplies():
     torch.testing.assert_close(layer.delta_weight(), 0.5 * full)
     layer.set_scale("default", 0.0)
     assert torch.equal(layer(x), layer.base_layer(x))
+    with pytest.raises(ConfigError, match="No adapter named 'other'"):
+        layer.set_scale("other", 1.0)  # a typo must not leave the real adapter's scale untouched silently
+    assert layer.scales == {"default": 0.0}
 
 
 def test_forward_runs_one_convolution():

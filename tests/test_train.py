@@ -161,6 +161,22 @@ def test_method_learning_rates_follow_the_method_unless_given(tmp_path):
     assert quick_settings(tmp_path / "z", lr=3e-4).learning_rate(1e-3) == 3e-4
 
 
+def test_prompt_preserving_recipe_covers_the_whole_palette(tmp_path):
+    from filteratom_sd.data import instance_prompts, load_concept_images
+    from filteratom_sd.tiny_domain import PALETTE
+    from filteratom_sd.training_config import resolve_settings
+
+    from .train_helpers import CASTLE, ROOT
+
+    recipe = ROOT / "configs" / "training" / "tiny-prompt-preserving.yaml"
+    settings = resolve_settings(dict(concept="castle", images=str(CASTLE), output_dir=str(tmp_path)), str(recipe))
+    assert settings.prior_preservation and settings.lr_by_method == {"filter-atoms": 3e-3}  # over tiny.yaml
+    backgrounds = {p.split(" on a ")[1].removesuffix(" background") for p in settings.class_prompts}
+    assert backgrounds == set(PALETTE)
+    prompts = instance_prompts(load_concept_images(settings.images), settings.trigger, settings.prompt_templates)
+    assert set(prompts) == {"a <castle> on a white background"}
+
+
 def test_masked_loss_counts_only_the_masked_latent_pixels(tmp_path):
     from types import SimpleNamespace
 

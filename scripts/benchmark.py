@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**settings_dict(settings), "malloc_mmap_threshold": None if args.system_malloc else MMAP_THRESHOLD},
         "device": device_info(resolve_device(settings.device)),
         "methods": results,
+        "table": markdown_table(results),
     }
     with tempfile.TemporaryDirectory(prefix="fa-bench-") as tmp:
         cache_dir = args.cache_dir or str(Path(tmp) / "decompositions")

@@ -146,7 +146,7 @@ def test_merge_unmerge_restore_exactly_and_scale_multiplies():
     layer.set_scale("default", 0.0)
     assert torch.equal(layer(x), layer.base_layer(x))
     with pytest.raises(ConfigError, match="No adapter named 'other'"):
-        layer.set_scale("other", 1.0)  # a typo must not leave the real adapter's scale untouched silently
+        layer.set_scale("other", 1.0)  # a typo fails instead of setting a scale nothing reads
     assert layer.scales == {"default": 0.0}
 
 

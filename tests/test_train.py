@@ -11,12 +11,15 @@ import yaml
 
 import filteratom_sd.train as train_module
 from filteratom_sd.adapter_io import read_adapter
+from filteratom_sd.data import instance_prompts, load_concept_images
 from filteratom_sd.errors import TrainingError, UserInputError
 from filteratom_sd.models import load_pipeline
 from filteratom_sd.pipeline import load_adapter
+from filteratom_sd.tiny_domain import PALETTE
 from filteratom_sd.train import TrainingInterrupted, snr_weights, train
+from filteratom_sd.training_config import resolve_settings
 
-from .train_helpers import adapter_bytes, quick_settings
+from .train_helpers import CASTLE, ROOT, adapter_bytes, quick_settings
 
 
 def _sample(pipe, seed: int = 0):
@@ -162,12 +165,6 @@ def test_method_learning_rates_follow_the_method_unless_given(tmp_path):
 
 
 def test_prompt_preserving_recipe_covers_the_whole_palette(tmp_path):
-    from filteratom_sd.data import instance_prompts, load_concept_images
-    from filteratom_sd.tiny_domain import PALETTE
-    from filteratom_sd.training_config import resolve_settings
-
-    from .train_helpers import CASTLE, ROOT
-
     recipe = ROOT / "configs" / "training" / "tiny-prompt-preserving.yaml"
     settings = resolve_settings(dict(concept="castle", images=str(CASTLE), output_dir=str(tmp_path)), str(recipe))
     assert settings.prior_preservation and settings.lr_by_method == {"filter-atoms": 3e-3}  # over tiny.yaml

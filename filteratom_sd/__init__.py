@@ -1,9 +1,8 @@
 """filteratom-sd: teach Stable Diffusion a concept by tuning only filter atoms."""
 
-from .adapter_io import read_adapter, read_adapter_metadata, save_adapter
-from .alpha_cache import decompose_unet
-from .config import FilterAtomConfig
-from .decompose import decompose_conv, decompose_linear
+from .core.adapter_file import read_adapter, read_adapter_metadata, save_adapter
+from .core.api import fuse_adapter, load_adapter, set_adapter_scale, unfuse_adapter, unload_adapter
+from .core.inject import add_adapter, remove_adapter
 from .errors import (
     AdapterFormatError,
     BaseModelMismatchError,
@@ -14,8 +13,10 @@ from .errors import (
     TrainingError,
     UserInputError,
 )
-from .inject import add_adapter, add_filter_atoms, remove_adapter
-from .pipeline import fuse_adapter, load_adapter, set_adapter_scale, unfuse_adapter, unload_adapter
+from .filter_atoms.cache import decompose_unet
+from .filter_atoms.config import FilterAtomConfig
+from .filter_atoms.functional import decompose_conv, decompose_linear
+from .filter_atoms.method import add_filter_atoms
 
 __all__ = [
     "AdapterFormatError",

@@ -7,27 +7,42 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
+import yaml
 
+from .core.adapter_file import read_adapter
 from .errors import FilterAtomError, UserInputError
+from .evaluation.compare import DEFAULT_METHODS, CompareRequest, parse_method_specs, run_comparison
+from .evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_IMAGE_ENCODER
+from .evaluation.report import table_markdown
+from .evaluation.runs import EvalRequest, run_eval
+from .filter_atoms.cache import decompose_unet
+from .filter_atoms.config import FilterAtomConfig
+from .methods.registry import available_methods
+from .models import load_pipeline
+from .resources import shipped_names
+from .sampling import SampleRequest, run_sampling
+from .training.loop import TrainingInterrupted, train as run_training
+from .training.settings import resolve_settings
 
 logger = logging.getLogger("filteratom_sd")
 
 # CUDA out-of-memory and host memory exhaustion get the same advice.
-MemoryError_ = (getattr(__import__("torch"), "OutOfMemoryError", MemoryError), MemoryError)
+OUT_OF_MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     """key=value pairs; values are read as YAML scalars (numbers, booleans, lists)."""
-    import yaml
-
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -38,12 +53,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks (read by main before the command runs).")
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+def cli(debug: bool, verbose: bool) -> None:
     """Teach Stable Diffusion a concept by tuning only filter atoms."""
-    ctx.obj = {"debug": debug}
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -66,10 +79,11 @@ def _quiet_loading_bars() -> None:
 @click.option("--images", required=True, help="Folder of 4-9 images of the concept.")
 @click.option("--token", help="Trigger token (default: <concept>).")
 @click.option("--model", help="Diffusers folder, hub id, or one .safetensors/.ckpt file (default: the bundled tiny model).")
-@click.option("--method", help="filter-atoms (default), liera, lora, loha, lokr, oft, bitfit, difffit or full.")
+@click.option("--method", help=f"{', '.join(available_methods())} (default: filter-atoms).")
 @click.option("--preset", help="Filter-atom preset C1, C2, C3 or C4.")
 @click.option("--method-option", "method_option", multiple=True, help="Method setting key=value (repeatable).")
-@click.option("--config", "config_file", help="YAML file of training settings.")
+@click.option("--config", "config_file",
+              help=f"YAML file of training settings, or a shipped one by name: {', '.join(shipped_names('training'))}.")
 @click.option("--steps", type=int)
 @click.option("--lr", type=float)
 @click.option("--batch-size", type=int)
@@ -100,9 +114,6 @@ def _quiet_loading_bars() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(**kwargs: Any) -> None:
     """Train an adapter on a folder of concept images."""
-    from .train import TrainingInterrupted, train as run_training
-    from .training_config import resolve_settings
-
     resume, overwrite, quiet = kwargs.pop("resume"), kwargs.pop("overwrite"), kwargs.pop("quiet")
     config_file = kwargs.pop("config_file")
     kwargs["method_options"] = _parse_options(kwargs.pop("method_option"))
@@ -138,8 +149,6 @@ def train(**kwargs: Any) -> None:
 def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, guidance_scale, seed, height, width, out,
            grid, fuse) -> None:
     """Generate images, optionally with adapters loaded."""
-    from .sampling import SampleRequest, run_sampling
-
     all_prompts = list(prompts)
     if prompts_file:
         try:
@@ -157,8 +166,6 @@ def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, gu
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(adapter: str, as_json: bool) -> None:
     """Show an adapter's metadata, targets, parameter count and file size."""
-    from .adapter_io import read_adapter
-
     found = read_adapter(adapter)
     info = {
         "file": str(found.path),
@@ -190,21 +197,16 @@ def inspect(adapter: str, as_json: bool) -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where to keep the cache (default: ~/.cache/filteratom-sd).")
 def decompose(model: str | None, preset: str, cache_dir: str | None) -> None:
     """Precompute and cache alpha for a base model, with per-layer error and time."""
-    import time
-
-    from .alpha_cache import decompose_unet
-    from .config import FilterAtomConfig
-    from .models import load_pipeline
-
     config = FilterAtomConfig.preset(preset)
     pipe = load_pipeline(model)
     start = time.time()
     reports, path = decompose_unet(pipe.unet, config, Path(cache_dir) if cache_dir else None)
-    for r in reports:
-        click.echo(f"{r.name:70s} {r.layout:6s} {str(r.shape):22s} error {r.relative_error:.4f}  {r.seconds * 1000:7.1f} ms")
+    for name, r in reports.items():
+        click.echo(f"{name:70s} {r.layout:6s} {str(r.shape):22s} error {r.relative_error:.4f}  {r.seconds * 1000:7.1f} ms")
     click.echo(f"{len(reports)} layers in {time.time() - start:.1f} s; cache: {path}")
 
 
+_PROMPT_SET_HELP = "Prompt-set YAML, or a shipped one by name: tiny (default for the bundled model) or dreambooth."
 _METRICS_HELP = "tiny (offline checker; default for the bundled model) or embedding (DINOv2 + CLIP, the paper's; default otherwise)."
 
 
@@ -214,16 +216,13 @@ _METRICS_HELP = "tiny (offline checker; default for the bundled model) or embedd
 @click.option("--images", required=True, help="Folder of the concept's training images (for fidelity).")
 @click.option("--model", help="Base model (default: the bundled tiny model).")
 @click.option("--token", help="Trigger token in the prompts (default: each adapter's own).")
-@click.option("--prompts-file", help="Prompt-set YAML (default: configs/eval/tiny.yaml or dreambooth.yaml).")
+@click.option("--prompts-file", help=_PROMPT_SET_HELP)
 @click.option("--metrics", type=click.Choice(["tiny", "embedding"]), help=_METRICS_HELP)
 @click.option("--image-encoder", default=None, help="DINOv2 model for fidelity and diversity (hub id or folder).")
 @click.option("--clip-model", default=None, help="CLIP model for alignment (hub id or folder).")
 @click.option("--out", default="eval.json", show_default=True, help="JSON file to write.")
 def evaluate(adapters, include_base, images, model, token, prompts_file, metrics, image_encoder, clip_model, out) -> None:
     """Score adapters: fidelity, diversity (Vendi) and text-image alignment of images from a prompt set."""
-    from .adapter_eval import EvalRequest, run_eval
-    from .evaluate import DEFAULT_CLIP_MODEL, DEFAULT_IMAGE_ENCODER
-
     request = EvalRequest(list(adapters), images, model, include_base, token, prompts_file, metrics,
                           image_encoder or DEFAULT_IMAGE_ENCODER, clip_model or DEFAULT_CLIP_MODEL, Path(out))
     report = run_eval(request)
@@ -245,7 +244,7 @@ def evaluate(adapters, include_base, images, model, token, prompts_file, metrics
 @click.option("--steps", type=int, help="Training steps of every method (default: the base model's config).")
 @click.option("--seed", type=int, help="Seed of every run (default 0).")
 @click.option("--config", "config_file", help="YAML file of training settings shared by every run.")
-@click.option("--prompts-file", help="Prompt-set YAML (default: configs/eval/tiny.yaml or dreambooth.yaml).")
+@click.option("--prompts-file", help=_PROMPT_SET_HELP)
 @click.option("--metrics", type=click.Choice(["tiny", "embedding"]), help=_METRICS_HELP)
 @click.option("--image-encoder", default=None, help="DINOv2 model for fidelity and diversity (hub id or folder).")
 @click.option("--clip-model", default=None, help="CLIP model for alignment (hub id or folder).")
@@ -254,11 +253,6 @@ def evaluate(adapters, include_base, images, model, token, prompts_file, metrics
 def compare(concept, images, methods, out, model, token, steps, seed, config_file, prompts_file, metrics, image_encoder,
             clip_model, no_base, quiet) -> None:
     """Train several methods with the same seed and steps, score them, write a report (finished runs are reused)."""
-    import shlex
-
-    from .compare import DEFAULT_METHODS, CompareRequest, parse_method_specs, run_comparison, table_markdown
-    from .evaluate import DEFAULT_CLIP_MODEL, DEFAULT_IMAGE_ENCODER
-
     specs = parse_method_specs(methods or DEFAULT_METHODS)
     command = "fa-sd " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("--debug", "-v", "--verbose"))
     request = CompareRequest(concept, images, specs, Path(out), model, token, steps, seed, config_file,
@@ -292,7 +286,7 @@ def main() -> None:
             raise
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
-    except MemoryError_ as exc:
+    except OUT_OF_MEMORY_ERRORS as exc:
         if debug:
             raise
         click.echo(f"Error: out of memory ({type(exc).__name__}); try --gradient-checkpointing, a smaller "

@@ -1,14 +1,19 @@
-"""Loading a base Stable Diffusion pipeline: the bundled tiny model, a diffusers folder, a hub id or one checkpoint file."""
+"""Base models: a Stable Diffusion pipeline from the bundled tiny model, a diffusers folder, a hub id or one
+checkpoint file; a bare UNet from its config."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from .bundled import BUNDLED_MODEL_ID, bundled_model_path
 from .errors import UserInputError
+from .tiny.bundled import BUNDLED_MODEL_ID, bundled_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +62,19 @@ def load_pipeline(model: str | None, dtype: torch.dtype = torch.float32):
         raise UserInputError(f"Cannot load the base model {model_label(model)!r}: {str(exc).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_unet(config: str | os.PathLike | dict[str, Any], device: str | torch.device | None = None) -> nn.Module:
+    """A UNet2DConditionModel from a config file or dict (keys starting with "_" ignored), with fresh weights.
+
+    On the meta device it costs no memory: shapes only, for parameter counts and benchmarks.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    if device is None:
+        return UNet2DConditionModel(**kwargs)
+    with torch.device(device):
+        return UNet2DConditionModel(**kwargs)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from .core.api import fuse_adapter, load_adapter
 from .errors import UserInputError
+from .generation import truncate_prompt
 from .images import save_grid, save_image
 from .models import load_pipeline
-from .pipeline import fuse_adapter, load_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +54,6 @@ class SampleRequest:
         for adapter in self.adapters:
             if not Path(adapter).is_file():
                 raise UserInputError(f"No adapter file at {adapter}.")
-
-
-def truncate_prompt(tokenizer, prompt: str) -> str:
-    """The prompt cut to what the text encoder reads (model_max_length tokens), with a warning when cut."""
-    ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
-    limit = tokenizer.model_max_length - 2  # start and end tokens
-    if len(ids) <= limit:
-        return prompt
-    logger.warning("prompt truncated to %d tokens (it has %d): %.60s...", limit, len(ids), prompt)
-    return tokenizer.decode(ids[:limit], clean_up_tokenization_spaces=False)
 
 
 def _slug(prompt: str) -> str:

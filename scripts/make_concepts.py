@@ -10,7 +10,7 @@ import argparse
 import random
 from pathlib import Path
 
-from filteratom_sd.tiny_domain import castle_image
+from filteratom_sd.tiny.domain import castle_image
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Print trainable-parameter counts of filter atoms C1-C4, LoRA and the other methods on the SD v1.4 UNet (no weights needed).
 
-Usage: python scripts/param_counts.py [--unet-config configs/models/sd-v1-4-unet.json] [--json]
+Usage: python scripts/param_counts.py [--unet-config UNET_CONFIG.json] [--json]   (default: the shipped SD v1.4 config)
 """
 
 from __future__ import annotations
@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from filteratom_sd.config import PRESETS, FilterAtomConfig
-from filteratom_sd.inject import add_adapter, select_targets
-from filteratom_sd.methods import method_class
-from filteratom_sd.param_count import SD_V1_4_UNET_CONFIG, build_unet_on_meta, filter_atom_parameters, lora_parameters
+from filteratom_sd.core.inject import add_adapter
+from filteratom_sd.filter_atoms.config import PRESETS, FilterAtomConfig
+from filteratom_sd.filter_atoms.param_count import filter_atom_parameters, lora_parameters
+from filteratom_sd.filter_atoms.targets import select_targets
+from filteratom_sd.methods.registry import method_class
+from filteratom_sd.models import build_unet
+from filteratom_sd.resources import shipped_config
 
 PAPER_TABLE_2 = {"C1": 0.05, "C2": 0.75, "C3": 2.39, "C4": 587, "LoRA r=1": 1.42, "LoRA r=4": 5.67, "LoRA r=16": 22.67,
                  "LoHa r=4": 8.47, "LoKr r=4, factor 4": 1.06, "OFT block 32": 11.75, "DiffFit": 0.58, "BitFit": 0.34,
@@ -23,10 +26,10 @@ OTHER_METHODS = {"LieRA r=4": "liera", "LoHa r=4": "loha", "LoKr r=4, factor 4":
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--unet-config", default=str(SD_V1_4_UNET_CONFIG))
+    parser.add_argument("--unet-config", default=str(shipped_config("model", "sd-v1-4-unet")))
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args()
-    unet = build_unet_on_meta(args.unet_config)
+    unet = build_unet(args.unet_config, device="meta")
     total = sum(p.numel() for p in unet.parameters())
     rows = {}
     for preset in PRESETS:
@@ -35,7 +38,7 @@ def main() -> None:
     for rank in (1, 4, 16):
         rows[f"LoRA r={rank}"] = lora_parameters(unet, targets, rank)
     for label, method in OTHER_METHODS.items():
-        rows[label] = add_adapter(build_unet_on_meta(args.unet_config), method_class(method).from_config_dict({}))
+        rows[label] = add_adapter(build_unet(args.unet_config, device="meta"), method_class(method).from_config_dict({}))
     if args.json:
         print(json.dumps({"unet_parameters": total, "targets": len(targets), "counts": rows}, indent=2))
         return

@@ -1,4 +1,4 @@
-"""Pretrain the bundled tiny Stable Diffusion (assets/tiny-sd) on procedurally generated shapes.
+"""Pretrain the bundled tiny Stable Diffusion (filteratom_sd/resources/tiny-sd) on procedurally generated shapes.
 
 Stages: (1) the VAE on 64x64 images, (2) encode a fixed, seeded set of captioned images to
 latents, (3) the UNet and the text encoder together on the usual noise-prediction loss, with
@@ -40,8 +40,10 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from filteratom_sd.tiny_domain import caption_vocabulary, random_example
-from filteratom_sd.tiny_tokenizer import build_tokenizer
+from filteratom_sd.resources import bundled_model_dir, config_path
+from filteratom_sd.tiny.domain import caption_vocabulary, random_example
+from filteratom_sd.tiny.model_card import evaluate, model_card
+from filteratom_sd.tiny.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Settings that change the trained weights: a work folder is only resumed with the same values.
@@ -55,8 +57,8 @@ EXTRA_WORDS = ["the", "an", "and", "with", "image", "shape", "is", "at", "by", "
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny_model.json"))
-    parser.add_argument("--out", default=str(ROOT / "assets" / "tiny-sd"))
+    parser.add_argument("--config", default=str(config_path("tiny_model.json")))
+    parser.add_argument("--out", default=str(bundled_model_dir()))
     parser.add_argument("--work-dir", default=str(ROOT / ".pretrain"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -343,8 +345,6 @@ def main() -> None:
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("saved %s: %s", out, summary)
     if args.eval_prompts > 0 and args.eval_seeds > 0:
-        from eval_tiny import evaluate, model_card  # scripts/ is on sys.path when this file runs as a script
-
         metrics = evaluate(out, args.eval_prompts, args.eval_seeds)
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "README.md").write_text(model_card(out, metrics, summary))

@@ -18,9 +18,9 @@ from filteratom_sd import (
     unload_adapter,
 )
 from filteratom_sd.errors import AdapterFormatError, BaseModelMismatchError, ConfigError
-from filteratom_sd.layers import AdaptedLayer
-from filteratom_sd.methods import attached_adapters
-from filteratom_sd.methods.filter_atoms import FilterAtomMethod
+from filteratom_sd.core.layer import AdaptedLayer
+from filteratom_sd.core.inject import attached_adapters
+from filteratom_sd.filter_atoms.method import FilterAtomMethod
 
 from .tiny_unet import make_inputs, make_unet, run
 

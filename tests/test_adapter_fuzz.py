@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from filteratom_sd import FilterAtomConfig, add_filter_atoms, load_adapter, save_adapter, unload_adapter
 from filteratom_sd.errors import FilterAtomError
-from filteratom_sd.layers import AdaptedLayer
-from filteratom_sd.methods import attached_adapters
+from filteratom_sd.core.layer import AdaptedLayer
+from filteratom_sd.core.inject import attached_adapters
 
 from .tiny_unet import make_unet
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from filteratom_sd import FilterAtomConfig, add_filter_atoms, decompose_unet, load_adapter, save_adapter
-from filteratom_sd.alpha_cache import CACHE_ENV, cached_decompositions
-from filteratom_sd.inject import select_targets
+from filteratom_sd.filter_atoms.cache import CACHE_ENV, cached_decompositions
+from filteratom_sd.filter_atoms.targets import select_targets
 
 from .tiny_unet import make_inputs, make_unet, run
 
@@ -21,9 +21,9 @@ def test_decompose_unet_reports_every_target_and_writes_one_entry(cache_dir):
     unet = make_unet()
     reports, path = decompose_unet(unet, config)
     targets, _ = select_targets(unet, config)
-    assert [r.name for r in reports] == list(targets)
-    assert all(0 <= r.relative_error < 1 and r.seconds >= 0 for r in reports)
-    assert all(r.relative_error < 1e-6 for r in reports if r.layout == "conv")  # m = 9 = k*k is exact
+    assert list(reports) == list(targets)
+    assert all(0 <= r.relative_error < 1 and r.seconds >= 0 for r in reports.values())
+    assert all(r.relative_error < 1e-6 for r in reports.values() if r.layout == "conv")  # m = 9 = k*k is exact
     assert path.parent == cache_dir and list(cache_dir.iterdir()) == [path]
 
 
@@ -33,11 +33,12 @@ def test_cached_alpha_is_used_and_gives_the_same_model(cache_dir, monkeypatch):
     uncached = make_unet()
     add_filter_atoms(uncached, config)
     decompose_unet(make_unet(), config)
-    import filteratom_sd.methods.filter_atoms as fa
+    import filteratom_sd.filter_atoms.method as fa
 
     calls = []
-    original = fa.decompose_layer
-    monkeypatch.setattr(fa, "decompose_layer", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("decompose_layer", "decompose_layers"):
+        original = getattr(fa, name)
+        monkeypatch.setattr(fa, name, lambda *a, _original=original, **k: calls.append(1) or _original(*a, **k))
     cached = make_unet()
     add_filter_atoms(cached, config)
     assert calls == []  # nothing was decomposed again

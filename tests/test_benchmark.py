@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from filteratom_sd.benchmark import BenchSettings, markdown_table, measure_method
+from benchmarks.harness import BenchSettings, markdown_table, measure_method
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = dict(model="tiny", resolution=32, train_steps=1, sample_steps=1, warmup=1, rounds=1, threads=1)
@@ -56,18 +56,18 @@ def test_every_timing_is_positive_and_the_table_has_a_row_per_method(results):
 
 
 def test_script_reports_unknown_methods_as_an_error():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--methods", "C9"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--methods", "C9"],
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("Error: unknown method(s) C9")
 
 
 def test_script_writes_json_and_table(tmp_path):
     report = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--model", "tiny",
                            "--methods", "C1", "--resolution", "32", "--train-steps", "1", "--sample-steps", "1",
                            "--rounds", "1", "--threads", "1", "--json", str(report)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
     assert data["methods"]["C1"]["trainable_params"] == 10_248 and "error" not in data["methods"]["C1"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from filteratom_sd.bundled import BUNDLED_MODEL_ID, bundled_model_path
-from filteratom_sd.checker import evaluation_prompts, measure_pipeline
+from filteratom_sd.tiny.bundled import BUNDLED_MODEL_ID, bundled_model_path
+from filteratom_sd.tiny.checker import evaluation_prompts, measure_pipeline
 from filteratom_sd.errors import UserInputError
 
 try:
@@ -86,8 +86,8 @@ def test_follows_prompts_with_few_steps(pipe):
 
 
 def test_missing_model_folder_is_a_user_error(monkeypatch, tmp_path):
-    import filteratom_sd.bundled as bundled
+    import filteratom_sd.tiny.bundled as bundled
 
-    monkeypatch.setattr(bundled, "_ASSETS", tmp_path)
+    monkeypatch.setattr(bundled, "bundled_model_dir", lambda: tmp_path / "tiny-sd")
     with pytest.raises(UserInputError, match="missing"):
         bundled.bundled_model_path()

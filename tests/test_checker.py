@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filteratom_sd.checker import (
+from filteratom_sd.tiny.checker import (
     analyse,
     evaluation_prompts,
     largest_component,
@@ -14,7 +14,7 @@ from filteratom_sd.checker import (
     score_images,
     silhouette_similarity,
 )
-from filteratom_sd.tiny_domain import CASTLE_BACKGROUND, CASTLE_GREY, PALETTE, SHAPES, castle_image, draw_shape
+from filteratom_sd.tiny.domain import CASTLE_BACKGROUND, CASTLE_GREY, PALETTE, SHAPES, castle_image, draw_shape
 
 
 def _scores(mask):

@@ -10,7 +10,7 @@ import torch
 
 from filteratom_sd.cli import main
 from filteratom_sd.models import load_pipeline
-from filteratom_sd.train import train
+from filteratom_sd.training.loop import train
 
 from .train_helpers import CASTLE, quick_settings
 

@@ -9,10 +9,11 @@ import pytest
 import yaml
 from PIL import Image
 
-import filteratom_sd.compare as compare_module
-from filteratom_sd.adapter_eval import default_metric_set, load_prompt_set
+import filteratom_sd.evaluation.compare as compare_module
+from filteratom_sd.evaluation.prompt_sets import load_prompt_set
+from filteratom_sd.evaluation.runs import default_metric_set
 from filteratom_sd.cli import main
-from filteratom_sd.compare import CompareRequest, parse_method_specs, run_comparison
+from filteratom_sd.evaluation.compare import CompareRequest, parse_method_specs, run_comparison
 from filteratom_sd.errors import UserInputError
 
 from .train_helpers import CASTLE

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from filteratom_sd.data import image_to_tensor, instance_prompts, load_concept_images, training_views
+from filteratom_sd.training.data import image_to_tensor, instance_prompts, load_concept_images, training_views
 from filteratom_sd.errors import DataError
-from filteratom_sd.train import loss_weights
+from filteratom_sd.training.latents import loss_weights
 
 
 def _save(image: Image.Image, path, **kwargs):
@@ -61,7 +61,7 @@ def test_unreadable_and_tiny_files_are_skipped_with_a_warning(tmp_path, caplog):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     _save(Image.new("RGB", (1, 1)), tmp_path / "dot.png")
     (tmp_path / "notes.md").write_text("not an image")
-    with caplog.at_level(logging.WARNING, logger="filteratom_sd.data"):
+    with caplog.at_level(logging.WARNING, logger="filteratom_sd.training.data"):
         images = load_concept_images(tmp_path)
     assert [i.path.name for i in images] == ["good.png"]
     assert "broken.png" in caplog.text and "dot.png" in caplog.text and "1 images" in caplog.text

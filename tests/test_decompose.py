@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from filteratom_sd.decompose import (
+from filteratom_sd.filter_atoms.functional import (
     block_size,
     compose_blocks,
     compose_conv,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from filteratom_sd.adapter_io import read_adapter
+from filteratom_sd.core.adapter_file import read_adapter
 
 from .train_helpers import CASTLE
 

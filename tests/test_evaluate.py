@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from filteratom_sd.errors import UserInputError
-from filteratom_sd.evaluate import (
+from filteratom_sd.evaluation.metrics import (
     EmbeddingMetrics,
     TinyMetrics,
     mean_cross_cosine,
@@ -18,8 +18,8 @@ from filteratom_sd.evaluate import (
     metric_set,
     pixel_features,
 )
-from filteratom_sd.tiny_domain import PALETTE, draw_shape
-from filteratom_sd.vendi import cosine_kernel, vendi_score
+from filteratom_sd.tiny.domain import PALETTE, draw_shape
+from filteratom_sd.evaluation.vendi import cosine_kernel, vendi_score
 
 # --- Vendi score --------------------------------------------------------------------------------
 
@@ -67,7 +67,7 @@ def tiny_models(tmp_path_factory):
     from transformers import (BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor,
                               Dinov2Config, Dinov2Model)
 
-    from filteratom_sd.tiny_tokenizer import build_tokenizer
+    from filteratom_sd.tiny.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("encoders")
     torch.manual_seed(0)

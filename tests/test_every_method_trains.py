@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from filteratom_sd.adapter_io import read_adapter
+from filteratom_sd.core.adapter_file import read_adapter
 from filteratom_sd.models import load_pipeline
-from filteratom_sd.pipeline import load_adapter, unload_adapter
-from filteratom_sd.train import train
+from filteratom_sd.core.api import load_adapter, unload_adapter
+from filteratom_sd.training.loop import train
 
 from .train_helpers import quick_settings
 

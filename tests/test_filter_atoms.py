@@ -6,8 +6,10 @@ from torch import nn
 
 from filteratom_sd import FilterAtomConfig, add_filter_atoms
 from filteratom_sd.errors import ConfigError
-from filteratom_sd.layers import AdaptedLayer, AtomDelta, overcomplete_update
-from filteratom_sd.methods import attached_adapters
+from filteratom_sd.core.layer import AdaptedLayer
+from filteratom_sd.filter_atoms.delta import AtomDelta
+from filteratom_sd.filter_atoms.functional import overcomplete_update
+from filteratom_sd.core.inject import attached_adapters
 
 from .tiny_unet import make_inputs, make_unet, run
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from filteratom_sd import fingerprint as fp
+from filteratom_sd.core import fingerprint as fp
 
 
 def reference_signature(weight: torch.Tensor) -> list[float]:

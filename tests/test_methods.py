@@ -14,13 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from filteratom_sd.adapter_io import save_adapter
+from filteratom_sd.core.adapter_file import save_adapter
 from filteratom_sd.errors import ConfigError
-from filteratom_sd.inject import add_adapter, remove_adapter
-from filteratom_sd.methods import attached_adapters, method_class
+from filteratom_sd.core.inject import add_adapter, remove_adapter
+from filteratom_sd.core.inject import attached_adapters
+from filteratom_sd.methods.registry import method_class
 from filteratom_sd.methods.liera import lie_update
-from filteratom_sd.param_count import lora_parameters
-from filteratom_sd.pipeline import fuse_adapter, load_adapter, set_adapter_scale, unfuse_adapter, unload_adapter
+from filteratom_sd.filter_atoms.param_count import lora_parameters
+from filteratom_sd.core.api import fuse_adapter, load_adapter, set_adapter_scale, unfuse_adapter, unload_adapter
 
 from .tiny_unet import make_inputs, make_unet, run
 

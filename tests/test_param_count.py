@@ -1,7 +1,9 @@
 import pytest
 
 from filteratom_sd import FilterAtomConfig, add_filter_atoms
-from filteratom_sd.param_count import build_unet_on_meta, filter_atom_parameters, lora_parameters
+from filteratom_sd.filter_atoms.param_count import filter_atom_parameters, lora_parameters
+from filteratom_sd.models import build_unet
+from filteratom_sd.resources import shipped_config
 
 from .tiny_unet import make_unet
 
@@ -21,7 +23,7 @@ def test_lora_formula_on_a_linear_and_a_conv():
 
 
 def test_sd_v1_4_counts_on_the_meta_device():
-    unet = build_unet_on_meta()
+    unet = build_unet(shipped_config("model", "sd-v1-4-unet"), device="meta")
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
     c1 = filter_atom_parameters(unet, FilterAtomConfig.preset("C1"))
     c2 = filter_atom_parameters(unet, FilterAtomConfig.preset("C2"))

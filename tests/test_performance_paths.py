@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from filteratom_sd import FilterAtomConfig, add_filter_atoms, fuse_adapter, set_adapter_scale, unfuse_adapter
-from filteratom_sd.decompose import atoms_from_gram, gram_matrix, svd_atoms
-from filteratom_sd.layers import AdaptedLayer, AtomDelta, WeightDelta, set_weight_recompute
-from filteratom_sd.methods.filter_atoms import decompose_layer, decompose_layers
+from filteratom_sd.filter_atoms.functional import atoms_from_gram, gram_matrix, svd_atoms
+from filteratom_sd.core.layer import AdaptedLayer, WeightDelta, set_conv_path, set_weight_cache, set_weight_recompute
+from filteratom_sd.filter_atoms.delta import AtomDelta
+from filteratom_sd.filter_atoms.decomposition import decompose_layer, decompose_layers
 
 from .tiny_unet import make_inputs, make_unet, run
 
@@ -36,14 +37,11 @@ def adapted_layers(unet):
 
 def uncached(unet, inputs):
     """The same model's output with every cache bypassed (weights rebuilt from scratch)."""
-    layers = adapted_layers(unet)
-    for layer in layers:
-        layer.cache_weights = False
+    set_weight_cache(unet, False)
     try:
         return run(unet, inputs)
     finally:
-        for layer in layers:
-            del layer.cache_weights
+        set_weight_cache(unet, True)
 
 
 def count_weight_builds(monkeypatch):
@@ -120,17 +118,21 @@ def test_no_cache_is_kept_in_training():
 # --------------------------------------------------------------------------- training: the rebuilt-weight backward
 
 
-PATHS = {  # AdaptedLayer settings: the fast training paths and plain autograd as the reference
-    "taps": dict(conv_path="taps", recompute_weights=True),
-    "rebuilt": dict(conv_path="weight", recompute_weights=True),
-    "plain": dict(conv_path="weight", recompute_weights=False),
+PATHS = {  # (conv path, weight recompute): the fast training paths and plain autograd as the reference
+    "taps": ("taps", True),
+    "rebuilt": ("weight", True),
+    "plain": ("weight", False),
 }
 
 
+def use_path(unet, path):
+    conv_path, recompute = PATHS[path]
+    set_conv_path(unet, conv_path)
+    set_weight_recompute(unet, recompute)
+
+
 def gradients(unet, inputs, path, autocast_dtype=None):
-    for layer in adapted_layers(unet):
-        for key, value in PATHS[path].items():
-            setattr(layer, key, value)
+    use_path(unet, path)
     unet.train()
     unet.zero_grad(set_to_none=True)
     sample = inputs[0].clone().requires_grad_(True)
@@ -188,16 +190,13 @@ def saved_weight_shapes(unet, inputs):
 @pytest.mark.parametrize("path", ["taps", "rebuilt"])
 def test_training_keeps_no_weight_sized_tensor_for_backward(path):
     unet, inputs = adapted_unet("C2"), make_inputs()
-    for layer in adapted_layers(unet):
-        for key, value in PATHS[path].items():
-            setattr(layer, key, value)
+    use_path(unet, path)
     assert not saved_weight_shapes(unet, inputs)
 
 
 def test_weight_recompute_is_off_by_default_and_switchable():
     unet, inputs = adapted_unet("C2"), make_inputs()
-    for layer in adapted_layers(unet):
-        layer.conv_path = "weight"
+    set_conv_path(unet, "weight")
     assert saved_weight_shapes(unet, inputs)  # fast default: W_eff kept for the backward
     set_weight_recompute(unet, True)
     assert all(layer.recompute_weights for layer in adapted_layers(unet))
@@ -248,7 +247,7 @@ def test_batched_eigendecomposition_equals_one_by_one():
 @pytest.mark.parametrize("preset", ["C1", "C2"])
 def test_batched_layer_decomposition_equals_per_layer(preset):
     unet, config = make_unet(), FilterAtomConfig.preset(preset)
-    from filteratom_sd.inject import select_targets
+    from filteratom_sd.filter_atoms.targets import select_targets
 
     targets, _ = select_targets(unet, config)
     weights = {t: (unet.get_submodule(t).weight, layout) for t, layout in targets.items()}

@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-import filteratom_sd.train as train_module
-from filteratom_sd.adapter_io import read_adapter
-from filteratom_sd.data import load_concept_images
+import filteratom_sd.training.loop as train_module
+import filteratom_sd.training.preflight as preflight
+from filteratom_sd.core.adapter_file import read_adapter
+from filteratom_sd.training.data import load_concept_images
 from filteratom_sd.errors import AdapterFormatError, ConfigError, DataError, UserInputError
-from filteratom_sd.train import train
-from filteratom_sd.training_config import read_yaml
+from filteratom_sd.training.loop import train
+from filteratom_sd.training.settings import read_yaml
 
 from .train_helpers import CASTLE, adapter_bytes, quick_settings
 
@@ -98,7 +99,7 @@ def test_an_unwritable_output_folder_is_refused_before_loading_anything(tmp_path
     parent = tmp_path / "locked"
     parent.mkdir()
     # root may write anywhere, so the permission answer is simulated for the folder the run would be made in
-    monkeypatch.setattr(train_module.os, "access", lambda path, mode: Path(path) != parent)
+    monkeypatch.setattr(preflight.os, "access", lambda path, mode: Path(path) != parent)
     monkeypatch.setattr(train_module, "load_pipeline", _must_not_run)
     with pytest.raises(UserInputError, match=f"Cannot write to {parent}"):
         train(quick_settings(parent / "run" / "deeper"), progress=False)
@@ -107,8 +108,8 @@ def test_an_unwritable_output_folder_is_refused_before_loading_anything(tmp_path
 
 def test_a_disk_too_small_for_the_run_is_refused_before_training(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = train_module.shutil.disk_usage
-    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: real(path)._replace(free=2**20))
+    real = preflight.shutil.disk_usage
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: real(path)._replace(free=2**20))
     with pytest.raises(UserInputError, match="Not enough free space") as raised:
         train(quick_settings(out), progress=False)
     # C2 on the tiny test UNet: adapter + checkpoints need more than the 1 MiB left
@@ -121,7 +122,7 @@ def _must_not_run(*args, **kwargs):
 
 
 def test_disk_full_while_saving_the_adapter_leaves_no_file_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    import filteratom_sd.adapter_io as adapter_io
+    import filteratom_sd.core.adapter_file as adapter_io
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -219,7 +220,7 @@ def test_a_thousand_word_prompt_is_truncated_with_a_warning(caplog):
     import logging
 
     from filteratom_sd.models import load_pipeline
-    from filteratom_sd.sampling import truncate_prompt
+    from filteratom_sd.generation import truncate_prompt
 
     pipe = load_pipeline(None)
     long_prompt = " ".join(["castle"] * 1000)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filteratom_sd.tiny_domain import (
+from filteratom_sd.tiny.domain import (
     CASTLE_GREY,
     IMAGE_SIZE,
     PALETTE,
@@ -19,7 +19,7 @@ from filteratom_sd.tiny_domain import (
     random_example,
     shape_mask,
 )
-from filteratom_sd.tiny_tokenizer import build_tokenizer
+from filteratom_sd.tiny.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,17 +9,18 @@ import pytest
 import torch
 import yaml
 
-import filteratom_sd.train as train_module
-from filteratom_sd.adapter_io import read_adapter
-from filteratom_sd.data import instance_prompts, load_concept_images
+import filteratom_sd.training.loop as train_module
+from filteratom_sd.core.adapter_file import read_adapter
+from filteratom_sd.training.data import instance_prompts, load_concept_images
 from filteratom_sd.errors import TrainingError, UserInputError
 from filteratom_sd.models import load_pipeline
-from filteratom_sd.pipeline import load_adapter
-from filteratom_sd.tiny_domain import PALETTE
-from filteratom_sd.train import TrainingInterrupted, snr_weights, train
-from filteratom_sd.training_config import resolve_settings
+from filteratom_sd.core.api import load_adapter
+from filteratom_sd.tiny.domain import PALETTE
+from filteratom_sd.training.loop import TrainingInterrupted, snr_weights, train
+from filteratom_sd.resources import shipped_config
+from filteratom_sd.training.settings import resolve_settings
 
-from .train_helpers import CASTLE, ROOT, adapter_bytes, quick_settings
+from .train_helpers import CASTLE, adapter_bytes, quick_settings
 
 
 def _sample(pipe, seed: int = 0):
@@ -158,15 +159,16 @@ def test_min_snr_weights_match_the_formula():
 
 def test_method_learning_rates_follow_the_method_unless_given(tmp_path):
     tiny = quick_settings(tmp_path / "x")
-    assert tiny.learning_rate(1e-3) == 3e-3  # configs/training/tiny.yaml: filter atoms at 3e-3
+    assert tiny.learning_rate() == (3e-3, "lr_by_method")  # the shipped tiny.yaml: filter atoms at 3e-3
     full = quick_settings(tmp_path / "y", method="full", preset=None)
-    assert full.learning_rate(5e-6) == 5e-6
-    assert quick_settings(tmp_path / "z", lr=3e-4).learning_rate(1e-3) == 3e-4
+    assert full.learning_rate() == (5e-6, "method default")
+    assert quick_settings(tmp_path / "z", lr=3e-4).learning_rate() == (3e-4, "given")
 
 
-def test_prompt_preserving_recipe_covers_the_whole_palette(tmp_path):
-    recipe = ROOT / "configs" / "training" / "tiny-prompt-preserving.yaml"
-    settings = resolve_settings(dict(concept="castle", images=str(CASTLE), output_dir=str(tmp_path)), str(recipe))
+@pytest.mark.parametrize("by_name", [True, False])
+def test_prompt_preserving_recipe_covers_the_whole_palette(tmp_path, by_name):
+    recipe = "tiny-prompt-preserving" if by_name else str(shipped_config("training", "tiny-prompt-preserving"))
+    settings = resolve_settings(dict(concept="castle", images=str(CASTLE), output_dir=str(tmp_path)), recipe)
     assert settings.prior_preservation and settings.lr_by_method == {"filter-atoms": 3e-3}  # over tiny.yaml
     backgrounds = {p.split(" on a ")[1].removesuffix(" background") for p in settings.class_prompts}
     assert backgrounds == set(PALETTE)
@@ -179,12 +181,13 @@ def test_masked_loss_counts_only_the_masked_latent_pixels(tmp_path):
 
     from diffusers import DDPMScheduler
 
-    from filteratom_sd.train import _LatentSet, _loss
+    from filteratom_sd.training.latents import LatentSet
+    from filteratom_sd.training.loop import _loss
 
     latents = torch.randn(1, 4, 4, 4)
     weights = torch.zeros(1, 1, 4, 4)
     weights[..., :2] = 1.0  # only the left half of the image is the concept
-    instance = _LatentSet(latents, torch.zeros_like(latents), weights, torch.zeros(1, 3, 8), [0], scaling=1.0)
+    instance = LatentSet(latents, torch.zeros_like(latents), weights, torch.zeros(1, 3, 8), [0], scaling=1.0)
     prediction = torch.randn(1, 4, 4, 4)
 
     def fake_unet(noisy, timesteps, embeddings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from filteratom_sd.training_config import TrainingSettings, resolve_settings
+from filteratom_sd.training.settings import TrainingSettings, resolve_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CASTLE = ROOT / "assets" / "concepts" / "castle"

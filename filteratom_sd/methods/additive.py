@@ -10,16 +10,15 @@ from __future__ import annotations
 import re
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..core.layer import AdaptedLayer, AdaptedNorm, WeightDelta, is_affine_norm
+from ..core.method import LayerDeltaMethod
 from ..errors import ConfigError
-from ..layers import AdaptedLayer, WeightDelta
-from ..norm_layer import AdaptedNorm, is_affine_norm
-from .base import LayerDeltaMethod, _set_module
-from .options import ExcludeOptions, options_from_dict
+from .options import ExcludeOptions, OptionsBacked
 from .targets import is_peft_layer
 
 
@@ -87,25 +86,14 @@ def parameter_owners(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     return owners
 
 
-class AdditiveMethod(LayerDeltaMethod):
+class AdditiveMethod(OptionsBacked, LayerDeltaMethod):
     """A method defined by which parameters of which layers get an additive update."""
 
     options_class: ClassVar[type[ExcludeOptions]] = ExcludeOptions
 
-    def __init__(self, options: ExcludeOptions | None = None) -> None:
-        super().__init__()
-        self.options = options or self.options_class()
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.options.to_dict()
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> "AdditiveMethod":
-        return cls(options_from_dict(cls.options_class, config, cls.name))
-
     @abstractmethod
     def layer_plan(self, name: str, module: nn.Module) -> LayerPlan | str:
-        """What a parameter-owning module trains, or why it is skipped."""
+        """What a conv, linear or norm layer trains, or why it is skipped."""
 
     def plan(self, unet: nn.Module) -> tuple[dict[str, LayerPlan], dict[str, str]]:
         """(layer name -> what it trains, skipped layer name -> reason)."""
@@ -113,20 +101,20 @@ class AdditiveMethod(LayerDeltaMethod):
         plans: dict[str, LayerPlan] = {}
         skipped: dict[str, str] = {}
         for name, module in parameter_owners(unet):
-            found = "matched by exclude_modules" if any(p.search(name) for p in excludes) else self.layer_plan(name, module)
+            if any(p.search(name) for p in excludes):
+                found: LayerPlan | str = "matched by exclude_modules"
+            elif not is_adaptable(module):
+                found = f"{type(module).__name__} is not a conv, linear or norm layer"
+            else:
+                found = self.layer_plan(name, module)
             if isinstance(found, str):
                 skipped[name] = found
             else:
                 plans[name] = found
         return plans, skipped
 
-    def wrap(self, unet: nn.Module, target: str) -> AdaptedLayer:
-        module = unet.get_submodule(target)
-        if isinstance(module, AdaptedLayer) or not is_affine_norm(module):
-            return super().wrap(unet, target)
-        wrapped = AdaptedNorm(module)
-        _set_module(unet, target, wrapped)
-        return wrapped
+    def wrapper_class(self, module: nn.Module) -> type[AdaptedLayer]:
+        return AdaptedNorm if is_affine_norm(module) else AdaptedLayer
 
     def inject(self, unet: nn.Module, adapter_name: str, tensors: dict[str, Tensor] | None = None) -> None:
         if any(is_peft_layer(m) for m in unet.modules()):

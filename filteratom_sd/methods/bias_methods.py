@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..norm_layer import is_affine_norm
-from .additive import AdditiveMethod, LayerPlan, has_bias, is_adaptable
-from .base import register_method
-from .options import ExcludeOptions, check_patterns
+from ..checks import check_patterns
+from ..core.layer import is_affine_norm
+from .additive import AdditiveMethod, LayerPlan, has_bias
+from .options import ExcludeOptions
 
 # Ends of residual branches, where DiffFit's gamma scales a block's contribution: a ResNet block's
 # conv2, each attention / feed-forward output of a transformer block, a transformer's proj_out.
@@ -32,32 +32,24 @@ class DiffFitOptions(ExcludeOptions):
         check_patterns("gamma_modules", self.gamma_modules)
 
 
-@register_method
 class BitFitMethod(AdditiveMethod):
     """BitFit: every bias of the UNet's conv, linear and norm layers."""
 
     name = "bitfit"
-    default_lr = 1e-3
 
     def layer_plan(self, name: str, module: nn.Module) -> LayerPlan | str:
-        if not is_adaptable(module):
-            return f"{type(module).__name__} is not a conv, linear or norm layer"
         if not has_bias(module):
             return "no bias"
         return LayerPlan(bias=True)
 
 
-@register_method
 class DiffFitMethod(AdditiveMethod):
     """DiffFit: biases, norm weights and biases, and a per-channel scale gamma at each residual-branch end."""
 
     name = "difffit"
-    default_lr = 1e-3
     options_class = DiffFitOptions
 
     def layer_plan(self, name: str, module: nn.Module) -> LayerPlan | str:
-        if not is_adaptable(module):
-            return f"{type(module).__name__} is not a conv, linear or norm layer"
         if is_affine_norm(module):
             return LayerPlan(weight=True, bias=has_bias(module))
         gamma = any(re.search(p, name) for p in self.options.gamma_modules)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .additive import AdditiveMethod, LayerPlan, is_adaptable
-from .base import register_method
+from .additive import AdditiveMethod, LayerPlan
 
 
-@register_method
 class FullMethod(AdditiveMethod):
     """All UNet weights, at the paper's learning rate for full fine-tuning."""
 
@@ -21,6 +19,4 @@ class FullMethod(AdditiveMethod):
     default_lr = 5e-6
 
     def layer_plan(self, name: str, module: nn.Module) -> LayerPlan | str:
-        if not is_adaptable(module):
-            return f"{type(module).__name__} is not a conv, linear or norm layer"
         return LayerPlan(weight=True, bias=True)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_bool
+from ..core.layer import WeightDelta
+from ..core.method import LayerDeltaMethod
 from ..errors import AdapterFormatError
-from ..layers import WeightDelta
-from .base import LayerDeltaMethod, register_method
-from .options import LowRankOptions, check_bool, options_from_dict
+from .options import LowRankOptions, OptionsBacked
 from .targets import is_peft_layer, layer_targets, refuse_foreign_wrappers
 
 
@@ -60,23 +60,11 @@ class LieraOptions(LowRankOptions):
         check_bool("first_order", self.first_order)
 
 
-@register_method
-class LieraMethod(LayerDeltaMethod):
+class LieraMethod(OptionsBacked, LayerDeltaMethod):
     """LieRA on the filter-atom default layers (convolutions, attention, feed-forward, projections)."""
 
     name = "liera"
-    default_lr = 1e-3
-
-    def __init__(self, options: LieraOptions | None = None) -> None:
-        super().__init__()
-        self.options = options or LieraOptions()
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.options.to_dict()
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> "LieraMethod":
-        return cls(options_from_dict(LieraOptions, config, cls.name))
+    options_class = LieraOptions
 
     def _shapes(self, unet: nn.Module, targets: list[str]) -> dict[str, tuple[int, ...]]:
         out = {}

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from ..checks import check_bool, check_int, check_number, check_patterns
 from ..errors import ConfigError
 
 T = TypeVar("T")
-
-# Upper bounds keep a crafted adapter file from asking for huge tensors.
-MAX_RANK = 4096
-
 
 def options_from_dict(cls: type[T], data: Any, method: str) -> T:
     """Build the options dataclass `cls` from a partial dict; missing keys take their defaults."""
@@ -29,37 +24,22 @@ def options_from_dict(cls: type[T], data: Any, method: str) -> T:
     return cls(**data)
 
 
-def check_int(name: str, value: Any, low: int = 1, high: int = MAX_RANK) -> None:
-    """An integer in [low, high] (booleans refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value!r}.")
+class OptionsBacked:
+    """A method whose settings are one options dataclass (`options_class`): its config is that dataclass."""
 
+    name: ClassVar[str]
+    options_class: ClassVar[type]
 
-def check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
-    """A finite number, optionally bounded."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{name} must lie in [{low}, {high}], got {value!r}.")
+    def __init__(self, options: Any = None) -> None:
+        super().__init__()
+        self.options = options or self.options_class()
 
+    def config_dict(self) -> dict[str, Any]:
+        return self.options.to_dict()
 
-def check_bool(name: str, value: Any) -> None:
-    """True or False."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}.")
-
-
-def check_patterns(name: str, value: Any, allow_none: bool = False) -> None:
-    """A list of valid regular expressions (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise ConfigError(f"{name} must be a list of regular expressions.")
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error:
-            raise ConfigError(f"{name} holds an invalid regular expression: {pattern!r}.") from None
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> Any:
+        return cls(options_from_dict(cls.options_class, config, cls.name))
 
 
 @dataclass
@@ -105,3 +85,58 @@ class LowRankOptions(TargetOptions):
     def scaling(self) -> float:
         """alpha / rank, the factor of the low-rank product."""
         return float(self.alpha) / self.rank
+
+
+@dataclass
+class LoraOptions(LowRankOptions):
+    """rank r (paper: 1, 4, 16), alpha (scale alpha / r), dropout on the adapter's input."""
+
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("dropout", self.dropout, 0.0, 1.0)
+
+
+@dataclass
+class LohaOptions(LowRankOptions):
+    """rank d (paper: 4, 16) of both Hadamard factors; effective_conv2d: peft's CP form for k x k convs."""
+
+    effective_conv2d: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("effective_conv2d", self.effective_conv2d)
+
+
+@dataclass
+class LokrOptions(LowRankOptions):
+    """factor f (paper: 4, 16; -1 = as square as possible) of the Kronecker split, rank of its larger factor."""
+
+    factor: int = 4
+    decompose_both: bool = False
+    effective_conv2d: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.factor != -1:
+            check_int("factor", self.factor)
+        check_bool("decompose_both", self.decompose_both)
+        check_bool("effective_conv2d", self.effective_conv2d)
+
+
+@dataclass
+class OftOptions(TargetOptions):
+    """block_size of the orthogonal blocks (peft's default 32), coft / eps for constrained OFT."""
+
+    block_size: int = 32
+    coft: bool = False
+    eps: float = 6e-5
+    cayley_neumann: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("block_size", self.block_size, 2)
+        check_bool("coft", self.coft)
+        check_number("eps", self.eps, 0.0)
+        check_bool("cayley_neumann", self.cayley_neumann)

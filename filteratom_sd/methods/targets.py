@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import FilterAtomConfig
+from ..core.targets import select_layers
 from ..errors import ConfigError
-from ..inject import select_targets
 from .options import TargetOptions
 
 
@@ -18,15 +17,12 @@ def is_peft_layer(module: nn.Module) -> bool:
 
 
 def layer_targets(unet: nn.Module, options: TargetOptions) -> tuple[dict[str, str], dict[str, str]]:
-    """(targets: name -> "conv" | "blocks", skipped: name -> reason), as `select_targets` picks for filter atoms.
+    """(targets: name -> "conv" | "blocks", skipped: name -> reason): the layers filter atoms adapt by default.
 
     The default: every k x k and 1 x 1 convolution and the attention, feed-forward and
     proj_in / proj_out linears; explicit `target_modules` patterns pick any conv / linear.
     """
-    # Only the target fields matter here; strategy "D+Dc" keeps linear and 1x1 layers in.
-    rule = FilterAtomConfig(target_modules=options.target_modules, exclude_modules=list(options.exclude_modules),
-                            strategy="D+Dc")
-    targets, skipped = select_targets(unet, rule)
+    targets, skipped = select_layers(unet, options.target_modules, list(options.exclude_modules))
     if not targets:
         raise ConfigError("No layer of this model matches the target and exclude patterns.")
     return targets, skipped

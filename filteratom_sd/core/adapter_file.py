@@ -1,0 +1,157 @@
+"""The adapter file: safetensors tensors plus JSON metadata (format, method, config, targets, fingerprint)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..atomic import atomic_path
+from ..errors import AdapterFormatError, ConfigError
+from .fingerprint import fingerprint
+from .inject import attached_adapters
+
+FORMAT_NAME = "filteratom-sd"
+FORMAT_VERSION = 1
+# Metadata keys the library writes; callers may add others (strings, or JSON-encoded values).
+_RESERVED = {"format", "format_version", "method", "adapter_name", "config", "targets", "base_fingerprint",
+             "num_parameters", "library_version"}
+
+
+def library_version() -> str:
+    """The installed filteratom-sd version ("unknown" when run from a bare source tree)."""
+    try:
+        return importlib_metadata.version("filteratom-sd")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class AdapterFile:
+    """A parsed adapter: its tensors and validated metadata."""
+
+    path: Path
+    tensors: dict[str, Tensor]
+    method: str
+    config: dict[str, Any]
+    targets: list[str]
+    base_fingerprint: dict[str, Any]
+    num_parameters: int
+    metadata: dict[str, str]
+
+    @property
+    def token(self) -> str:
+        """The concept token the adapter was trained for ("" when none)."""
+        return self.metadata.get("token", "")
+
+
+def save_adapter(
+    unet: nn.Module, path: str | os.PathLike, adapter_name: str = "default", metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write the named adapter of `unet` to a .safetensors file, atomically; returns the path."""
+    adapters = attached_adapters(unet)
+    if adapter_name not in adapters:
+        raise ConfigError(f"No adapter named '{adapter_name}' is attached to this model.")
+    method = adapters[adapter_name]
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(unet, adapter_name).items()}
+    params = method.trainable_parameters(unet, adapter_name)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "method": method.name,
+        "adapter_name": adapter_name,
+        "config": json.dumps(method.config_dict(), sort_keys=True),
+        "targets": json.dumps(method.targets),
+        "base_fingerprint": json.dumps(fingerprint(unet, method.targets)),
+        "num_parameters": str(sum(p.numel() for p in params)),
+        "library_version": library_version(),
+    }
+    for key, value in (metadata or {}).items():
+        if key in _RESERVED:
+            raise ConfigError(f"Metadata key '{key}' is reserved for the library.")
+        header[key] = value if isinstance(value, str) else json.dumps(value)
+    header.setdefault("token", "")
+    header.setdefault("base_model", "")
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+        _sort_metadata_in_place(tmp)
+    return final
+
+
+def _sort_metadata_in_place(path: Path) -> None:
+    """Rewrite the header with its metadata keys sorted, padded to the same length.
+
+    safetensors writes metadata in hash-map order, which varies between calls; sorting makes
+    the same adapter give the same bytes (reproducible runs, comparable checksums).
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(text) <= length:  # same content, so never longer; spaces are the format's own padding
+            handle.seek(8)
+            handle.write(text.ljust(length, b" "))
+
+
+def _json_field(meta: dict[str, str], key: str, kind: type, name: Path) -> Any:
+    try:
+        value = json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError):
+        raise AdapterFormatError(f"{name} has a missing or malformed '{key}' entry in its metadata.") from None
+    if not isinstance(value, kind):
+        raise AdapterFormatError(f"{name} has a '{key}' entry of the wrong type in its metadata.")
+    return value
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The raw string metadata of an adapter file, after checking it is one of ours."""
+    file = Path(path)
+    if not file.is_file():
+        raise AdapterFormatError(f"No adapter file at {file}.")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception:  # safetensors raises several types for non-safetensors and truncated files
+        raise AdapterFormatError(f"{file} is not a readable safetensors file (wrong format or truncated).") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise AdapterFormatError(f"{file} is a safetensors file but not a filteratom-sd adapter.")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise AdapterFormatError(f"{file} uses adapter format version {meta.get('format_version')!r}, "
+                                 f"this library reads version {FORMAT_VERSION}.")
+    return meta
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and validate an adapter file (nothing is unpickled: safetensors only)."""
+    file = Path(path)
+    meta = read_adapter_metadata(file)
+    method = meta.get("method")
+    if not isinstance(method, str) or not method:
+        raise AdapterFormatError(f"{file} does not say which method made it.")
+    config = _json_field(meta, "config", dict, file)
+    targets = _json_field(meta, "targets", list, file)
+    if not all(isinstance(t, str) for t in targets):
+        raise AdapterFormatError(f"{file} lists targets that are not module names.")
+    base = _json_field(meta, "base_fingerprint", dict, file)
+    if not isinstance(base.get("layers"), dict):
+        raise AdapterFormatError(f"{file} has a malformed base fingerprint.")
+    count = _json_field(meta, "num_parameters", int, file)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception:
+        raise AdapterFormatError(f"{file} is truncated or its tensors cannot be read.") from None
+    for key, tensor in tensors.items():
+        if not torch.is_floating_point(tensor):
+            raise AdapterFormatError(f"{file} holds a non-floating-point tensor {key!r}.")
+    return AdapterFile(file, tensors, method, config, targets, base, count, meta)

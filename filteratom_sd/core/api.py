@@ -1,0 +1,141 @@
+"""The public API on an existing diffusers pipeline (or a bare UNet): load, scale, fuse, unfuse, unload."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import AdapterFormatError, BaseModelMismatchError, ConfigError
+from ..methods.registry import method_class
+from .adapter_file import AdapterFile, read_adapter
+from .fingerprint import fingerprint, mismatched_layers
+from .inject import attached_adapters, record_adapter, remove_adapter
+
+logger = logging.getLogger(__name__)
+
+
+def _unet(pipe_or_unet: Any) -> nn.Module:
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if not isinstance(unet, nn.Module):
+        raise ConfigError("Expected a diffusers pipeline with a .unet or a UNet module.")
+    return unet
+
+
+def _is_fused(unet: nn.Module) -> bool:
+    return any(getattr(m, "merged", None) for m in unet.modules())
+
+
+def _default_name(adapter: AdapterFile, unet: nn.Module) -> str:
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", adapter.path.stem) or "adapter"
+    taken = attached_adapters(unet)
+    candidate, index = name, 1
+    while candidate in taken:
+        index += 1
+        candidate = f"{name}_{index}"
+    return candidate
+
+
+def _check_targets(adapter: AdapterFile, unet: nn.Module) -> None:
+    names = {n for n, _ in unet.named_modules()}
+    missing = [t for t in adapter.targets if t not in names]
+    if missing:
+        raise BaseModelMismatchError(
+            f"{adapter.path.name} adapts layer {missing[0]!r} which this model does not have "
+            f"({len(missing)} missing layers): it was made for a different architecture."
+        )
+
+
+def load_adapter(
+    pipe: Any, path: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0, check_base: bool = True
+) -> str:
+    """Load an adapter file into a pipeline's UNet (or a bare UNet); returns the adapter's name.
+
+    The base weights must match the adapter's fingerprint unless `check_base` is False.
+    Several adapters can be loaded under different names; their updates add.
+    """
+    unet = _unet(pipe)
+    adapter = read_adapter(Path(path))
+    name = adapter_name or _default_name(adapter, unet)
+    if name in attached_adapters(unet):
+        raise ConfigError(f"An adapter named '{name}' is already loaded; pass another adapter_name.")
+    if _is_fused(unet):
+        raise ConfigError("Unfuse the loaded adapters before loading another one.")
+    try:
+        method = method_class(adapter.method).from_config_dict(adapter.config)
+    except ConfigError as exc:
+        raise AdapterFormatError(f"{adapter.path.name} has an invalid configuration: {exc}") from None
+    _check_targets(adapter, unet)
+    if check_base:
+        bad = mismatched_layers(adapter.base_fingerprint, fingerprint(unet, adapter.targets))
+        if bad:
+            base = repr(adapter.metadata.get("base_model") or "another base model")
+            raise BaseModelMismatchError(
+                f"{adapter.path.name} was made for {base}; {len(bad)} of its {len(adapter.targets)} layers "
+                f"differ from this model's weights (first: {bad[0]!r})."
+            )
+    try:
+        method.inject(unet, name, tensors=adapter.tensors)
+        if sorted(method.targets) != sorted(adapter.targets):
+            raise AdapterFormatError(f"{adapter.path.name} lists targets that its configuration does not select.")
+        expected = method.expected_shapes(unet, name)
+        got = {k: tuple(v.shape) for k, v in adapter.tensors.items()}
+        if expected != got:
+            wrong = sorted(set(expected.items()) ^ set(got.items()))[0][0]
+            raise AdapterFormatError(f"{adapter.path.name} has missing, extra or misshapen tensors (first: {wrong!r}).")
+        method.load_adapter_state_dict(unet, name, adapter.tensors)
+    except Exception:
+        method.remove(unet, name)  # leave the model exactly as it was
+        raise
+    record_adapter(unet, name, method)
+    for param in method.trainable_parameters(unet, name):
+        param.requires_grad_(False)
+    method.set_scale(unet, name, scale)
+    logger.info("loaded adapter '%s' (%s, %d layers) from %s", name, adapter.method, len(method.targets), adapter.path)
+    return name
+
+
+def _selected(unet: nn.Module, adapter_name: str | None) -> list[str]:
+    adapters = attached_adapters(unet)
+    if adapter_name is None:
+        return list(adapters)
+    if adapter_name not in adapters:
+        raise ConfigError(f"No adapter named '{adapter_name}' is loaded.")
+    return [adapter_name]
+
+
+def set_adapter_scale(pipe: Any, scale: float, adapter_name: str | None = None) -> None:
+    """Set the scale of one adapter (or of all when `adapter_name` is None)."""
+    unet = _unet(pipe)
+    if _is_fused(unet):
+        raise ConfigError("Unfuse the adapters before changing their scale.")
+    for name in _selected(unet, adapter_name):
+        attached_adapters(unet)[name].set_scale(unet, name, scale)
+
+
+def fuse_adapter(pipe: Any) -> None:
+    """Write every loaded adapter into the base weights: sampling then costs exactly the base UNet."""
+    unet = _unet(pipe)
+    for method in attached_adapters(unet).values():
+        method.fuse(unet)
+
+
+def unfuse_adapter(pipe: Any) -> None:
+    """Restore the base weights exactly (the adapters stay loaded, unfused)."""
+    unet = _unet(pipe)
+    for method in attached_adapters(unet).values():
+        method.unfuse(unet)
+
+
+def unload_adapter(pipe: Any, adapter_name: str | None = None) -> None:
+    """Remove one adapter (or all); with none left the UNet is bit for bit its base again."""
+    unet = _unet(pipe)
+    names = _selected(unet, adapter_name)
+    if _is_fused(unet):
+        unfuse_adapter(unet)
+    for name in names:
+        remove_adapter(unet, name)

@@ -1,0 +1,163 @@
+"""`AtomDelta`: the filter-atom update of one adapted layer (the module that holds the parameters).
+
+The formulas it applies are the pure functions of `functional`; this module keeps the
+trainable tensors, the frozen atoms and the fast paths that avoid building alpha.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.layer import AdaptedLayer, WeightDelta
+from ..errors import ConfigError
+from .functional import atom_update, overcomplete_atom_change, overcomplete_update
+
+
+class AtomDelta(WeightDelta):
+    """Filter-atom update of one layer: trains dD (and optionally d-alpha) with alpha frozen.
+
+    `layout` "conv" treats a c_out x c_in x k x k kernel as c_out x c_in filters of k x k;
+    "blocks" treats a linear / 1x1 weight as blocks of kc_out x kc (Kronecker form).
+    `alpha` is a non-persistent buffer: it is rebuilt from the base weight, never saved.
+
+    With `alpha=None` (conv layout only) alpha is the least-squares projection of the layer's
+    weight onto the atoms, alpha = rows(W) pinv(D0), and is never stored: the update is
+    applied as W + s rows(W) (pinv(D0) dD), a d x d matrix per layer, so for 3x3 kernels
+    with m = 9 no tensor the size of W is kept besides W itself. `coefficient_shape`
+    (c_out, c_in) is then required.
+    """
+
+    def __init__(
+        self,
+        alpha: Tensor | None,
+        atoms0: Tensor,
+        layout: str,
+        m1: int | None = None,
+        train_alpha: bool = False,
+        dtype: torch.dtype = torch.float32,
+        coefficient_shape: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if layout not in ("conv", "blocks"):
+            raise ConfigError(f"Unknown atom layout '{layout}'.")
+        if alpha is None and (layout != "conv" or train_alpha or coefficient_shape is None):
+            raise ConfigError("Only frozen conv coefficients can be derived from the weight; pass alpha.")
+        self.layout = layout
+        self.coefficient_shape = tuple(int(v) for v in (coefficient_shape if alpha is None else alpha.shape[:2]))
+        self.register_buffer("_alpha", None if alpha is None else alpha.to(dtype), persistent=False)
+        self.register_buffer("atoms0", atoms0.to(dtype))
+        m, p, q = atoms0.shape
+        if m1 is None:
+            self.delta_atoms = nn.Parameter(torch.zeros(m, p, q, dtype=dtype, device=atoms0.device))
+        else:
+            c_in = self.coefficient_shape[1]
+            self.delta_beta = nn.Parameter(torch.zeros(c_in, m, m1, dtype=dtype, device=atoms0.device))
+            self.delta_atoms1 = nn.Parameter(torch.zeros(m, m1, p, q, dtype=dtype, device=atoms0.device))
+        self.delta_alpha = (
+            nn.Parameter(torch.zeros(*self.coefficient_shape, m, dtype=dtype, device=atoms0.device)) if train_alpha else None
+        )
+        self._layer: weakref.ref | None = None
+        self._pinv: tuple[Any, Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_layer"] = None  # weak references do not pickle; the layer re-attaches on load
+        return state
+
+    def attach(self, layer: AdaptedLayer) -> None:
+        self._layer = weakref.ref(layer)
+
+    @property
+    def overcomplete(self) -> bool:
+        """True for the beta + D1 parametrisation."""
+        return hasattr(self, "delta_atoms1")
+
+    @property
+    def derived(self) -> bool:
+        """True when alpha is not stored but projected from the layer's weight."""
+        return self._alpha is None
+
+    @property
+    def alpha(self) -> Tensor:
+        """Coefficients (a, b, m): the stored buffer, or the projection of the attached layer's weight."""
+        if self._alpha is not None:
+            return self._alpha
+        layer = self._layer() if self._layer is not None else None
+        if layer is None:
+            raise ConfigError("This atom update derives alpha from its layer's weight but is not attached to a layer.")
+        return self.coefficients(layer.reference_weight())
+
+    def coefficients(self, weight: Tensor) -> Tensor:
+        """alpha for `weight`: the stored one, or rows(W) pinv(D0) (float64, then this update's dtype)."""
+        if self._alpha is not None:
+            return self._alpha
+        m = self.atoms0.shape[0]
+        rows = weight.detach().reshape(-1, self.atoms0[0].numel()).double()
+        pinv = torch.linalg.pinv(self.atoms0.reshape(m, -1).double())
+        return (rows @ pinv).to(self.atoms0.dtype).reshape(*self.coefficient_shape, m)
+
+    @property
+    def supports_taps(self) -> bool:  # type: ignore[override]
+        """Derived alpha without trainable coefficients: dW = rows(W) T, a transform of the taps."""
+        return self.derived and self.delta_alpha is None
+
+    def tap_transform(self) -> Tensor:
+        """T = pinv(D0) dD (1, d, d), or pinv(D0) (D_i - D0) per input channel (c_in, d, d) when overcomplete."""
+        m, p, q = self.atoms0.shape
+        if self.overcomplete:
+            change = overcomplete_atom_change(self.atoms0, self.delta_beta, self.delta_atoms1)
+            return self._projector() @ change.reshape(-1, m, p * q)
+        return (self._projector() @ self.delta_atoms.reshape(m, p * q)).unsqueeze(0)
+
+    def _projector(self) -> Tensor:
+        # pinv(D0) (d x m), recomputed only when the atoms change (loading a state dict replaces them).
+        atoms = self.atoms0
+        key = (atoms.data_ptr(), atoms._version, atoms.dtype, atoms.device)
+        if self._pinv is None or self._pinv[0] != key:
+            pinv = torch.linalg.pinv(atoms.detach().reshape(atoms.shape[0], -1).double()).to(atoms.dtype)
+            self._pinv = (key, pinv)
+        return self._pinv[1]
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        alpha = self.coefficients(weight)
+        if self.overcomplete:
+            update = overcomplete_update(alpha, self.atoms0, self.delta_beta, self.delta_atoms1, self.delta_alpha)
+        else:
+            update = atom_update(alpha, self.atoms0, self.delta_atoms, self.delta_alpha)
+        if self.layout == "conv":
+            return update
+        return update.permute(0, 2, 1, 3).reshape(weight.shape)
+
+    def add_to(self, accumulator: Tensor, weight: Tensor, scale: float) -> Tensor:
+        if self.delta_alpha is not None or not accumulator.is_contiguous():
+            return super().add_to(accumulator, weight, scale)
+        m, p, q = self.atoms0.shape
+        d = p * q
+        dtype = accumulator.dtype
+        if self.derived:
+            # rows(W_eff) = rows(acc) + s rows(W) T: one fused multiply-add over W, alpha never built
+            transform = self.tap_transform().to(dtype)
+            if transform.shape[0] == 1:
+                rows = weight.reshape(-1, d) if weight.is_contiguous() else weight.contiguous().reshape(-1, d)
+                return torch.addmm(accumulator.reshape(-1, d), rows.to(dtype), transform[0], alpha=scale).reshape(
+                    accumulator.shape)
+            update = torch.einsum("oid,ide->oie", weight.reshape(*self.coefficient_shape, d).to(dtype), transform)
+            return torch.add(accumulator, update.reshape(accumulator.shape), alpha=scale)
+        if self.overcomplete:
+            change = overcomplete_atom_change(self.atoms0, self.delta_beta, self.delta_atoms1).reshape(-1, m, d)
+            update = torch.einsum("oim,imd->oid", self._alpha, change).to(dtype)
+            return torch.add(accumulator, update.reshape(accumulator.shape), alpha=scale)
+        delta = self.delta_atoms.reshape(m, d)
+        alpha = self._alpha.reshape(-1, m)
+        if self.layout == "conv":
+            if alpha.dtype == dtype:
+                return torch.addmm(accumulator.reshape(-1, d), alpha, delta, alpha=scale).reshape(accumulator.shape)
+            return torch.add(accumulator, (alpha @ delta).to(dtype).reshape(accumulator.shape), alpha=scale)
+        a, b = self.coefficient_shape
+        update = (alpha @ delta).to(dtype).reshape(a, b, p, q).permute(0, 2, 1, 3)
+        # accumulator first: the sum takes its (contiguous) layout, the update is read strided
+        return torch.add(accumulator.reshape(a, p, b, q), update, alpha=scale).reshape(accumulator.shape)

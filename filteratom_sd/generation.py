@@ -1,0 +1,45 @@
+"""Seeded image generation with a pipeline, and prompts cut to what its text encoder reads.
+
+Image i of seed s is drawn with its own generator, seeded s * SEED_STRIDE + i, so batching
+never changes an image and every caller (evaluation, the tiny checker, class images) agrees.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+SEED_STRIDE = 100_003
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of image `index` under `seed`."""
+    return torch.Generator().manual_seed(seed * SEED_STRIDE + index)
+
+
+@torch.no_grad()
+def generate_images(pipe: Any, prompts: list[str], seed: int, steps: int, guidance_scale: float,
+                    batch_size: int) -> list[Image.Image]:
+    """One image per prompt, `batch_size` prompts per pipeline call; image i uses `image_generator(seed, i)`."""
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        generators = [image_generator(seed, start + i) for i in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+                       output_type="pil").images
+    return images
+
+
+def truncate_prompt(tokenizer, prompt: str) -> str:
+    """The prompt cut to what the text encoder reads (model_max_length tokens), with a warning when cut."""
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
+    limit = tokenizer.model_max_length - 2  # start and end tokens
+    if len(ids) <= limit:
+        return prompt
+    logger.warning("prompt truncated to %d tokens (it has %d): %.60s...", limit, len(ids), prompt)
+    return tokenizer.decode(ids[:limit], clean_up_tokenization_spaces=False)

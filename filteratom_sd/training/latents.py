@@ -1,0 +1,62 @@
+"""The training set as cached latents: each view's VAE latent distribution, loss weights and prompt embedding.
+
+The VAE and the text encoder run once per run, before the first step; the loop samples from the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..generation import truncate_prompt
+from .data import training_views
+
+
+@torch.no_grad()
+def encode_latents(vae, views: torch.Tensor, device, dtype, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for start in range(0, len(views), batch):
+        dist = vae.encode(views[start:start + batch].to(device, dtype)).latent_dist
+        means.append(dist.mean.float()), stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
+    tokenizer = pipe.tokenizer
+    prompts = [truncate_prompt(tokenizer, p) for p in prompts]  # warns, instead of cutting silently
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return pipe.text_encoder(ids)[0].float()
+
+
+class LatentSet:
+    """Cached latents of a set of views, each view's loss weights and prompt embedding."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weights: torch.Tensor, embeddings: torch.Tensor,
+                 prompt_of_view: list[int], scaling: float) -> None:
+        self.mean, self.std, self.weights, self.embeddings, self.scaling = mean, std, weights, embeddings, scaling
+        self.prompt_of_view = torch.tensor(prompt_of_view)
+
+    def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.mean), (count,), generator=generator)
+        eps = torch.randn(self.std[idx].shape, generator=generator).to(self.std.device)
+        latents = (self.mean[idx] + self.std[idx] * eps) * self.scaling
+        return latents, self.embeddings[self.prompt_of_view[idx].to(self.embeddings.device)], self.weights[idx]
+
+
+def loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], unmasked_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights from image masks (N x 1 x H x W in [0, 1]): 1 inside, unmasked_weight outside."""
+    coverage = F.interpolate(masks, size=latent_size, mode="area")
+    return unmasked_weight + (1.0 - unmasked_weight) * coverage
+
+
+def latent_set(pipe, images, prompts, settings, device, dtype, seed_offset: int, masks=None) -> LatentSet:
+    views, view_masks, owners = training_views(images, settings.resolution, settings.center_crop, settings.flip,
+                                               settings.seed + seed_offset, masks=masks)
+    mean, std = encode_latents(pipe.vae, views, device, dtype)
+    weights = loss_weights(view_masks, tuple(mean.shape[-2:]), settings.unmasked_weight if settings.masked_loss else 1.0)
+    distinct = sorted(set(prompts))
+    embeddings = encode_prompts(pipe, distinct, device)
+    prompt_of_view = [distinct.index(prompts[o]) for o in owners]
+    return LatentSet(mean, std, weights.to(device), embeddings, prompt_of_view, pipe.vae.config.scaling_factor)

@@ -1,0 +1,303 @@
+"""The concept-training loop (accelerate): cached latents and prompt embeddings, one method's adapter trained.
+
+Random numbers of step s come from a generator seeded by (seed, s, process), so a run is
+reproducible and a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core.adapter_file import save_adapter
+from ..core.inject import add_adapter
+from ..core.layer import set_weight_recompute
+from ..core.method import AdapterMethod
+from ..errors import ConfigError, DataError, TrainingError
+from ..images import save_grid
+from ..methods.registry import method_class
+from ..models import load_pipeline, model_label
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .data import instance_prompts, load_concept_images
+from .latents import latent_set
+from .model_card import write_model_card
+from .preflight import CONFIG_NAME, bytes_needed, check_free_space, check_output_dir, check_output_writable
+from .prior import prepare_class_images
+from .settings import TrainingSettings, write_settings
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT/SIGTERM arrived; a checkpoint and the current adapter were saved."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+        super().__init__(f"Interrupted at step {step}; a checkpoint and the adapter were saved.")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    adapter_path: Path
+    trainable_parameters: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    skipped_steps: int = 0
+
+
+def build_method(settings: TrainingSettings) -> AdapterMethod:
+    """The adapter method named in the settings, with its options."""
+    cls = method_class(settings.method)
+    options = dict(settings.method_options)
+    if settings.method == "filter-atoms" and settings.preset is not None:
+        options.setdefault("preset", settings.preset)
+    return cls.from_config_dict(options)
+
+
+def _step_generator(seed: int, step: int, process: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + process * 104_729) % (2**63))
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023)."""
+    alpha = alphas_cumprod[timesteps]
+    snr = alpha / (1 - alpha)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if v_prediction else clipped / snr
+
+
+class _SignalGuard:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalGuard":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. in a notebook worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train one adapter on a concept folder; every user mistake is found before anything is written."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    images = load_concept_images(settings.images)
+    check_output_dir(settings, resume, overwrite)
+    check_output_writable(settings.output_path)
+    method = build_method(settings)
+    lr, _ = settings.learning_rate()
+    try:
+        accelerator = Accelerator(mixed_precision=settings.mixed_precision,
+                                  gradient_accumulation_steps=settings.gradient_accumulation_steps)
+    except ValueError as exc:
+        raise ConfigError(f"Mixed precision {settings.mixed_precision!r} is not available here: {exc}") from None
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = load_pipeline(settings.model)
+    out = settings.output_path
+    device = accelerator.device
+
+    class_images = prepare_class_images(pipe, settings, accelerator) if settings.prior_preservation else None
+    pipe.to(device)
+    unet = pipe.unet
+    count = add_adapter(unet, method)
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    check_free_space(out, bytes_needed(sum(p.numel() for p in params.values()), settings))
+    pipe.vae.requires_grad_(False).eval().to(dtype=weight_dtype)
+    pipe.text_encoder.requires_grad_(False).eval().to(dtype=weight_dtype)
+    unet.to(dtype=weight_dtype)
+    for p in params.values():
+        p.data = p.data.float()  # trained parameters stay fp32 under mixed precision
+    if settings.gradient_checkpointing:  # trade compute for memory in the adapter's layers too
+        unet.enable_gradient_checkpointing()
+        set_weight_recompute(unet, True)
+    unet.train()
+
+    prompts = instance_prompts(images, settings.trigger, settings.prompt_templates)
+    masks = [i.mask for i in images]
+    if settings.masked_loss and not any(m is not None for m in masks):
+        raise DataError(f"--masked-loss needs images with transparency (an alpha channel) in {settings.images}.")
+    instance = latent_set(pipe, [i.image for i in images], prompts, settings, device, weight_dtype, 0, masks)
+    prior = None
+    if class_images is not None:
+        prior = latent_set(pipe, [i.image for i in class_images], [i.caption for i in class_images], settings,
+                            device, weight_dtype, 1)
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = noise_scheduler.config.prediction_type
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=settings.adam_weight_decay)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=settings.lr_warmup_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    start_step, losses = 0, []
+    checkpoints = out / "checkpoints"
+    if resume:
+        found = list_checkpoints(checkpoints)
+        if found:
+            state = load_checkpoint(found[-1], params, optimizer, lr_scheduler)
+            start_step, losses = state.step, state.losses
+            logger.info("resuming from %s (step %d)", found[-1], start_step)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_settings(settings, out / CONFIG_NAME)
+    writer = _tensorboard_writer(out) if accelerator.is_main_process else None
+
+    started, skipped = time.time(), 0
+    bar = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps,
+               disable=not (progress and accelerator.is_local_main_process), desc=settings.concept)
+    adapter_path = out / f"{settings.concept}.safetensors"
+    with _SignalGuard() as guard:
+        for step in bar:
+            generator = _step_generator(settings.seed, step, accelerator.process_index)
+            step_loss, finite = 0.0, True
+            for _ in range(settings.gradient_accumulation_steps):
+                with accelerator.accumulate(unet):
+                    loss = _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, prediction,
+                                 generator, device, weight_dtype)
+                    if not torch.isfinite(loss):
+                        finite = False
+                    else:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            norm = accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
+                            finite = bool(torch.isfinite(torch.as_tensor(norm)))
+                        if finite:
+                            optimizer.step()
+                            lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss += loss.item() / settings.gradient_accumulation_steps
+            if not finite:
+                skipped += 1
+                if settings.on_nan == "stop":
+                    raise TrainingError(f"The loss or its gradient became NaN/inf at step {step}; the last checkpoint is kept.")
+                logger.warning("step %d: non-finite loss or gradient, step skipped", step)
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if writer is not None:
+                writer.add_scalar("loss", step_loss, step)
+                writer.add_scalar("lr", lr_scheduler.get_last_lr()[0], step)
+            done = step + 1
+            if done % settings.checkpoint_every == 0 and done < settings.steps:
+                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
+            if settings.validation_prompts and done % settings.validation_every == 0 and accelerator.is_main_process:
+                _validate(pipe, accelerator.unwrap_model(unet), settings, out / "samples" / f"step-{done:06d}.png")
+            if guard.received is not None:
+                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
+                _save_adapter(accelerator, unet, adapter_path, settings)
+                raise TrainingInterrupted(guard.received, done)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(unet)
+    _save_adapter(accelerator, unet, adapter_path, settings)
+    if accelerator.is_main_process:
+        grid = _validate(pipe, unwrapped, settings, out / "samples" / "final.png")
+        write_model_card(out, settings, model_label(settings.model), method.name, count, grid, losses)
+        if writer is not None:
+            writer.close()
+    accelerator.end_training()
+    return TrainResult(out, adapter_path, count, losses, time.time() - started, skipped)
+
+
+def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, prediction, generator, device, dtype):
+    latents, embeddings, weights = instance.sample(settings.batch_size, generator)
+    if prior is not None:
+        class_latents, class_embeddings, class_weights = prior.sample(settings.batch_size, generator)
+        latents, embeddings = torch.cat([latents, class_latents]), torch.cat([embeddings, class_embeddings])
+        weights = torch.cat([weights, class_weights])
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ConfigError(f"Unsupported prediction type {prediction!r} in the scheduler config.")
+    pred = unet(noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
+    squared = F.mse_loss(pred, target, reduction="none") * weights  # weights are 1 unless --masked-loss
+    per_sample = squared.mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3)).clamp_min(1e-6)
+    if settings.min_snr_gamma is not None:
+        per_sample = per_sample * snr_weights(alphas_cumprod, timesteps, settings.min_snr_gamma,
+                                              prediction == "v_prediction")
+    if prior is None:
+        return per_sample.mean()
+    own, cls = per_sample.chunk(2)
+    return own.mean() + settings.prior_loss_weight * cls.mean()
+
+
+def _save_checkpoint(accelerator, folder, step, params, optimizer, lr_scheduler, losses, settings) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(folder, step, params, optimizer, lr_scheduler, losses, settings.checkpoints_total_limit)
+
+
+def _save_adapter(accelerator, unet, path: Path, settings: TrainingSettings) -> None:
+    if accelerator.is_main_process:
+        save_adapter(accelerator.unwrap_model(unet), path, metadata={
+            "token": settings.trigger, "concept": settings.concept, "base_model": model_label(settings.model),
+            "steps": str(settings.steps), "seed": str(settings.seed)})
+
+
+def _validation_prompts(settings: TrainingSettings) -> list[str]:
+    if settings.validation_prompts:
+        return settings.validation_prompts
+    return [settings.prompt_templates[0].format(settings.trigger)]
+
+
+@torch.no_grad()
+def _validate(pipe, unet, settings: TrainingSettings, path: Path) -> Path:
+    """Sample each validation prompt twice with fixed seeds and save one grid."""
+    was_training = unet.training
+    unet.eval()
+    original_unet = pipe.unet
+    pipe.unet = unet
+    try:
+        prompts = _validation_prompts(settings)
+        images = []
+        for prompt in prompts:
+            generator = torch.Generator().manual_seed(settings.seed)
+            images += pipe([prompt] * 2, num_inference_steps=settings.validation_steps,
+                           guidance_scale=settings.guidance_scale, generator=generator,
+                           height=settings.resolution, width=settings.resolution).images
+    finally:
+        pipe.unet = original_unet
+        unet.train(was_training)
+    save_grid(images, path, columns=2)
+    return path
+
+
+def _tensorboard_writer(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # heavy, and an optional extra
+    except ImportError:
+        logger.info("no TensorBoard logs: they need the tensorboard extra (pip install 'filteratom-sd[tensorboard]')")
+        return None
+    return SummaryWriter(log_dir=str(out / "logs"))

@@ -1,0 +1,181 @@
+"""Training settings: the shipped defaults of the base model, then a user YAML file, then CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..atomic import atomic_write_text
+from ..errors import ConfigError
+from ..methods.registry import method_class
+from ..resources import config_file as find_config_file
+from ..resources import config_path, shipped_config
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainingSettings:
+    """Everything a training run depends on (written to training_config.yaml)."""
+
+    concept: str
+    images: str
+    token: str | None = None
+    model: str | None = None
+    method: str = "filter-atoms"
+    preset: str | None = "C2"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    lr: float | None = None
+    # Learning rate per method where the base model's defaults differ from the method's own default_lr.
+    lr_by_method: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    resolution: int = 512
+    center_crop: bool = True
+    flip: bool = False
+    seed: int = 0
+    output_dir: str | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    prior_preservation: bool = False
+    class_prompt: str | list[str] | None = None
+    class_images: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    min_snr_gamma: float | None = None
+    # Weight the loss by the images' alpha channel (transparent = background), as kohya's masked loss.
+    masked_loss: bool = False
+    unmasked_weight: float = 0.0
+    checkpoint_every: int = 250
+    checkpoints_total_limit: int = 3
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 250
+    validation_steps: int = 30
+    guidance_scale: float = 7.5
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = 0
+    prompt_templates: list[str] = field(default_factory=list)
+    on_nan: str = "skip"
+
+    @property
+    def trigger(self) -> str:
+        """The token that names the concept in prompts (default: <concept>)."""
+        return self.token or f"<{self.concept}>"
+
+    def learning_rate(self) -> tuple[float, str]:
+        """(rate, where it comes from): --lr if given, else the base model's rate for this method
+        (lr_by_method), else the method's own `default_lr`."""
+        if self.lr is not None:
+            return self.lr, "given"
+        if self.method in self.lr_by_method:
+            return float(self.lr_by_method[self.method]), "lr_by_method"
+        return float(method_class(self.method).default_lr), "method default"
+
+    @property
+    def class_prompts(self) -> list[str]:
+        """The class prompt(s) as a list (one prompt, or several that class images cycle through)."""
+        if self.class_prompt is None:
+            return []
+        return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
+
+    @property
+    def output_path(self) -> Path:
+        """Where the run writes (default: outputs/<concept>)."""
+        return Path(self.output_dir) if self.output_dir else Path("outputs") / self.concept
+
+    def validate(self) -> None:
+        """Raise ConfigError with one sentence for the first invalid setting."""
+        if not self.concept or any(c in self.concept for c in "/\\\n") or self.concept.startswith("."):
+            raise ConfigError(f"The concept name {self.concept!r} must be a plain name (no slashes).")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "resolution", "checkpoint_every",
+                     "checkpoints_total_limit", "validation_every", "validation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+        if self.resolution % 8:
+            raise ConfigError(f"--resolution must be a multiple of 8, got {self.resolution}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}.")
+        if not isinstance(self.lr_by_method, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.lr_by_method.values()):
+            raise ConfigError("lr_by_method must map method names to positive learning rates.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}.")
+        if self.num_class_images < 0:
+            raise ConfigError("--num-class-images must not be negative.")
+        if self.class_prompt is not None and (not self.class_prompts or not all(
+                isinstance(p, str) and p.strip() for p in self.class_prompts)):
+            raise ConfigError("--class-prompt must be a non-empty prompt (or a list of them).")
+        if self.prior_preservation and not self.class_prompts:
+            raise ConfigError("--prior-preservation needs --class-prompt (for example 'a photo of a castle').")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ConfigError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}.")
+        if isinstance(self.unmasked_weight, bool) or not isinstance(self.unmasked_weight, (int, float)) or \
+                not 0.0 <= self.unmasked_weight <= 1.0:
+            raise ConfigError(f"--unmasked-weight must be between 0 and 1, got {self.unmasked_weight!r}.")
+        if self.on_nan not in ("skip", "stop"):
+            raise ConfigError(f"--on-nan must be 'skip' or 'stop', got {self.on_nan!r}.")
+        for template in self.prompt_templates:
+            if "{}" not in template:
+                raise ConfigError(f"Prompt template {template!r} has no '{{}}' for the token.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for YAML."""
+        return dataclasses.asdict(self)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping read with the safe loader; a clear error for anything else."""
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError:
+        raise ConfigError(f"Cannot read the config file {file}.") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"The config file {file} is not valid YAML.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"The config file {file} must hold a mapping of settings.")
+    return data
+
+
+def base_defaults(bundled: bool) -> dict[str, Any]:
+    """The shipped training config "tiny" for the bundled model, "sd-v1-4" for every other base."""
+    defaults = read_yaml(shipped_config("training", "tiny" if bundled else "sd-v1-4"))
+    defaults.setdefault("prompt_templates", read_yaml(config_path("prompt_templates.yaml"))["templates"])
+    return defaults
+
+
+def resolve_settings(cli: dict[str, Any], config_file: str | None = None) -> TrainingSettings:
+    """Merge defaults < config file < CLI values (None in `cli` means "not given").
+
+    `config_file` is a YAML file or the name of a shipped training config (such as tiny-prompt-preserving).
+    """
+    bundled = cli.get("model") is None
+    merged = base_defaults(bundled)
+    if config_file:
+        merged.update(read_yaml(find_config_file(config_file, "training")))
+    merged.update({k: v for k, v in cli.items() if v is not None and v != () and v != {}})
+    known = {f.name for f in dataclasses.fields(TrainingSettings)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"Unknown training setting(s): {', '.join(map(repr, unknown))}.")
+    try:
+        settings = TrainingSettings(**merged)
+    except TypeError:
+        raise ConfigError("The training settings are incomplete: --concept and --images are required.") from None
+    settings.validation_prompts = list(settings.validation_prompts)
+    settings.validate()
+    return settings
+
+
+def write_settings(settings: TrainingSettings, path: Path) -> None:
+    """Write training_config.yaml atomically."""
+    atomic_write_text(path, yaml.safe_dump(settings.to_dict(), sort_keys=False))

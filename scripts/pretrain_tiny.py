@@ -331,7 +331,11 @@ def main() -> None:
     unet, text_encoder = trained
     pipe = assemble(cfg, vae, text_encoder, tokenizer, unet, data["scaling_factor"])
     out = Path(args.out)
-    pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    pipe.to(torch.float16)
+    # transformers loads a model in its stored dtype: an fp32 text encoder (0.8 MB) lets a plain
+    # from_pretrained(path) run on a CPU, while diffusers loads the fp16 UNet and VAE in fp32 anyway
+    pipe.text_encoder.to(torch.float32)
+    pipe.save_pretrained(str(out), safe_serialization=True)
     stage_seconds = [stats.get("vae_seconds"), data.get("seconds"), stats.get("unet_seconds")]
     summary = {"seed": args.seed, "vae_steps": args.vae_steps, "vae_batch_size": args.vae_batch_size,
                "unet_steps": args.unet_steps, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay,

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install filteratom-sd with its test extras into it.
+# Create .venv (once) and install filteratom-sd into it, with the extras named by $1 (default: dev,
+# the test extras; pass "" for the package alone, as the quickstart does).
 # Without an NVIDIA GPU the CPU build of torch is pinned first, so pip never pulls CUDA packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+EXTRAS=${1-dev}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
@@ -11,4 +13,4 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   "${PIP[@]}" "torch==2.13.0"
 fi
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -40,6 +43,8 @@ def test_a_run_writes_every_output_and_the_adapter_changes_samples(tmp_path):
     assert saved["concept"] == "castle" and saved["steps"] == 4 and saved["preset"] == "C2"
     card = (out / "README.md").read_text()
     assert "<castle>" in card and f"{result.trainable_parameters:,}" in card
+    assert f"final training loss: {result.losses[-1]:.4f} " in card  # the number the CLI prints
+    assert str(tmp_path) not in card and str(CASTLE.parent) not in card  # travels without local paths
 
     adapter = read_adapter(result.adapter_path)
     assert adapter.method == "filter-atoms" and adapter.token == "<castle>"
@@ -203,3 +208,13 @@ def test_masked_loss_counts_only_the_masked_latent_pixels(tmp_path):
     noise = torch.randn(latents.shape, generator=generator)
     expected = (prediction - noise)[..., :2].pow(2).mean()
     assert torch.isclose(loss, expected)
+
+
+def test_the_model_card_snippet_runs_as_written_from_the_adapter_folder(tmp_path):
+    out = tmp_path / "run"
+    train(quick_settings(out, steps=2), progress=False)
+    (snippet,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.S)
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=out, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "castle-sample.png").is_file()

@@ -81,9 +81,20 @@ triangle, star, heart, cross, diamond, ring) in one of eight colours on a plain 
 another, at 64x64 px, following prompts such as "a red star on a blue background".
 Pretrained from scratch by `scripts/pretrain_tiny.py` on procedurally generated images; no other data or weights.
 
-Load it offline with `StableDiffusionPipeline.from_pretrained("assets/tiny-sd", dtype=torch.float32)`
-(weights stored in fp16, {size / 1e6:.1f} MB in total; no safety checker). Pass `dtype=torch.float32` (or the
-older `torch_dtype=`) on a CPU: loaded as stored, in fp16, the UNet fails on CPU with a dtype mismatch.
+It ships inside the `filteratom-sd` package ({size / 1e6:.1f} MB: the UNet and VAE stored in fp16, which
+diffusers loads in fp32, the small text encoder in fp32; no safety checker) and loads offline with a
+plain `from_pretrained`, on a CPU too:
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+from filteratom_sd.tiny.bundled import bundled_model_path
+
+pipe = StableDiffusionPipeline.from_pretrained(str(bundled_model_path()))
+image = pipe("a red star on a blue background", num_inference_steps=25, guidance_scale=5.0,
+             generator=torch.Generator().manual_seed(0)).images[0]
+image.save("red-star.png")
+```
 
 ## Architecture
 | part | configuration | parameters |

@@ -93,8 +93,10 @@ def _quiet_loading_bars() -> None:
 @click.option("--flip/--no-flip", default=None, help="Add horizontally flipped copies.")
 @click.option("--seed", type=int)
 @click.option("--output-dir")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in the output folder.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Start again: remove an earlier run's checkpoints, samples, logs, card and adapter first.")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CHECKPOINT]",
+              help="Continue from the newest checkpoint in the output folder, or from the checkpoint folder given.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
 @click.option("--gradient-checkpointing", is_flag=True, default=None)
 @click.option("--prior-preservation", is_flag=True, default=None)
@@ -114,7 +116,7 @@ def _quiet_loading_bars() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(**kwargs: Any) -> None:
     """Train an adapter on a folder of concept images."""
-    resume, overwrite, quiet = kwargs.pop("resume"), kwargs.pop("overwrite"), kwargs.pop("quiet")
+    resume, overwrite, quiet = kwargs.pop("resume") or False, kwargs.pop("overwrite"), kwargs.pop("quiet")
     config_file = kwargs.pop("config_file")
     kwargs["method_options"] = _parse_options(kwargs.pop("method_option"))
     kwargs["validation_prompts"] = list(kwargs["validation_prompts"]) or None

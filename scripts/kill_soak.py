@@ -63,7 +63,7 @@ def check_folder(out: Path) -> list[str]:
     """Problems a kill must never cause: a checkpoint or adapter under its final name that does not load."""
     from safetensors.torch import load_file
 
-    from filteratom_sd.adapter_io import read_adapter
+    from filteratom_sd import read_adapter
 
     problems = []
     for checkpoint in sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []:

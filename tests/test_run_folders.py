@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from filteratom_sd.adapter_io import read_adapter
-from filteratom_sd.bundled import bundled_model_path
-from filteratom_sd.run_identity import changed_settings, run_identity
-from filteratom_sd.train import train
+from filteratom_sd.core.adapter_file import read_adapter
+from filteratom_sd.tiny.bundled import bundled_model_path
+from filteratom_sd.training.loop import train
+from filteratom_sd.training.run_identity import changed_settings, run_identity
 
 from .test_cli import assert_user_error, run_cli
 from .train_helpers import CASTLE, ROOT, adapter_bytes, quick_settings

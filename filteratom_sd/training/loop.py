@@ -7,6 +7,7 @@ reproducible and a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.adapter_file import save_adapter
+from ..core.fingerprint import fingerprint
 from ..core.inject import add_adapter
 from ..core.layer import set_weight_recompute
 from ..core.method import AdapterMethod
@@ -24,12 +26,16 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..images import save_grid
 from ..methods.registry import method_class
 from ..models import load_pipeline, model_label
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import instance_prompts, load_concept_images
 from .latents import latent_set
 from .model_card import write_model_card
-from .preflight import CONFIG_NAME, bytes_needed, check_free_space, check_output_dir, check_output_writable
+from .preflight import (CONFIG_NAME, bytes_needed, bytes_reused, check_class_images_folder, check_free_space,
+                        check_output_dir, check_output_writable, previous_concept)
 from .prior import prepare_class_images
+from .resume import CheckpointRecord, check_resumable, find_checkpoint, read_record
+from .run_folder import RunLock, check_not_foreign, clean_interrupted_writes, clear_previous_run
+from .run_identity import check_resume_steps, content_hash, run_identity
 from .settings import TrainingSettings, write_settings
 
 logger = logging.getLogger(__name__)
@@ -99,24 +105,62 @@ class _SignalGuard:
             signal.signal(signum, handler)
 
 
-def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train one adapter on a concept folder; every user mistake is found before anything is written."""
+def train(settings: TrainingSettings, resume: bool | str | os.PathLike = False, overwrite: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train one adapter on a concept folder; every user mistake is found before anything is written.
+
+    `resume`: True continues from the newest checkpoint in the output folder; a checkpoint's path, from that one.
+    """
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     settings.validate()
     images = load_concept_images(settings.images)
-    check_output_dir(settings, resume, overwrite)
+    check_class_images_folder(settings.images, settings.class_images)
     check_output_writable(settings.output_path)
+    check_not_foreign(settings.output_path, overwrite)
+    check_output_dir(settings, bool(resume), overwrite)
     method = build_method(settings)
-    lr, _ = settings.learning_rate()
     try:
         accelerator = Accelerator(mixed_precision=settings.mixed_precision,
                                   gradient_accumulation_steps=settings.gradient_accumulation_steps)
     except ValueError as exc:
         raise ConfigError(f"Mixed precision {settings.mixed_precision!r} is not available here: {exc}") from None
+    lock = RunLock(settings.output_path).acquire() if accelerator.is_main_process else None
+    try:
+        check_output_dir(settings, bool(resume), overwrite)  # again under the lock: another run may have finished since
+        record = _checkpoint_to_resume(settings, resume)
+        if lock is not None:
+            _prepare_output_dir(settings, overwrite)
+        accelerator.wait_for_everyone()
+        return _train(settings, record, progress, images, method, accelerator, lock)
+    finally:
+        if lock is not None:
+            lock.release(remove_created=True)
+
+
+def _checkpoint_to_resume(settings: TrainingSettings, resume: bool | str | os.PathLike) -> CheckpointRecord | None:
+    if not resume:
+        return None
+    record = read_record(find_checkpoint(settings.output_path / "checkpoints", resume))
+    check_resume_steps(record.step, settings.steps, record.path)
+    return record
+
+
+def _prepare_output_dir(settings: TrainingSettings, overwrite: bool) -> None:
+    """Under the lock: remove what killed writes left, and on --overwrite the earlier run's outputs."""
+    out = settings.output_path
+    clean_interrupted_writes(out)
+    if overwrite:
+        clear_previous_run(out, {settings.concept} | {c for c in [previous_concept(out)] if c})
+
+
+def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress: bool, images, method: AdapterMethod,
+           accelerator, lock: RunLock | None) -> TrainResult:
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    lr, _ = settings.learning_rate()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = load_pipeline(settings.model)
     out = settings.output_path
@@ -127,7 +171,14 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     unet = pipe.unet
     count = add_adapter(unet, method)
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    check_free_space(out, bytes_needed(sum(p.numel() for p in params.values()), settings))
+    identity = run_identity(settings.to_dict(), lr, content_hash([i.path for i in images], [i.caption for i in images]),
+                            None if class_images is None else
+                            content_hash([i.path for i in class_images], [i.caption for i in class_images]),
+                            fingerprint(unet, method.targets)["digest"])
+    if record is not None:
+        check_resumable(record, identity, settings.to_dict())
+    trainable = sum(p.numel() for p in params.values())
+    check_free_space(out, bytes_needed(trainable, settings) - bytes_reused(out, trainable, settings))
     pipe.vae.requires_grad_(False).eval().to(dtype=weight_dtype)
     pipe.text_encoder.requires_grad_(False).eval().to(dtype=weight_dtype)
     unet.to(dtype=weight_dtype)
@@ -157,16 +208,15 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
 
     start_step, losses = 0, []
     checkpoints = out / "checkpoints"
-    if resume:
-        found = list_checkpoints(checkpoints)
-        if found:
-            state = load_checkpoint(found[-1], params, optimizer, lr_scheduler)
-            start_step, losses = state.step, state.losses
-            logger.info("resuming from %s (step %d)", found[-1], start_step)
+    if record is not None:
+        state = load_checkpoint(record.path, params, optimizer, lr_scheduler)
+        start_step, losses = state.step, state.losses
+        logger.info("resuming from %s (step %d)", record.path, start_step)
 
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         write_settings(settings, out / CONFIG_NAME)
+        lock.keep_folders()
+    run = {"identity": identity, "settings": settings.to_dict()}
     writer = _tensorboard_writer(out) if accelerator.is_main_process else None
 
     started, skipped = time.time(), 0
@@ -205,11 +255,11 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
                 writer.add_scalar("lr", lr_scheduler.get_last_lr()[0], step)
             done = step + 1
             if done % settings.checkpoint_every == 0 and done < settings.steps:
-                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
+                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
             if settings.validation_prompts and done % settings.validation_every == 0 and accelerator.is_main_process:
                 _validate(pipe, accelerator.unwrap_model(unet), settings, out / "samples" / f"step-{done:06d}.png")
             if guard.received is not None:
-                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
+                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
                 _save_adapter(accelerator, unet, adapter_path, settings)
                 raise TrainingInterrupted(guard.received, done)
     bar.close()
@@ -253,10 +303,10 @@ def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, pred
     return own.mean() + settings.prior_loss_weight * cls.mean()
 
 
-def _save_checkpoint(accelerator, folder, step, params, optimizer, lr_scheduler, losses, settings) -> None:
+def _save_checkpoint(accelerator, folder, step, params, optimizer, lr_scheduler, losses, settings, run) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(folder, step, params, optimizer, lr_scheduler, losses, settings.checkpoints_total_limit)
+        save_checkpoint(folder, step, params, optimizer, lr_scheduler, losses, settings.checkpoints_total_limit, run)
 
 
 def _save_adapter(accelerator, unet, path: Path, settings: TrainingSettings) -> None:

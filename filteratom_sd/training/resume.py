@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import TrainingError, UserInputError
 from .checkpoint import list_checkpoints
-from .errors import TrainingError, UserInputError
 from .run_identity import check_identity, safe_changes
 
 logger = logging.getLogger(__name__)

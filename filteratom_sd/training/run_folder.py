@@ -18,11 +18,11 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .errors import UserInputError
+from ..errors import UserInputError
+from .preflight import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "training_config.yaml"
 LOCK_NAME = ".fa-sd.lock"
 TRASH_PREFIX = ".fa-sd-trash-"
 # What a run writes at the top of its folder, besides `<concept>.safetensors`; --overwrite clears these.
@@ -45,16 +45,6 @@ def check_not_foreign(folder: Path, overwrite: bool) -> None:
         return
     raise UserInputError(f"{folder} is not empty and is not a fa-sd run; choose another --output-dir, "
                          f"or pass --overwrite to replace its README.md and any other file a run writes.")
-
-
-def check_class_images_folder(images: str, class_images: str | None) -> None:
-    """Refuse --class-images that would put generated images among the concept's own photos."""
-    if class_images is None:
-        return
-    concept, generated = Path(images).resolve(), Path(class_images).resolve()
-    if generated == concept or concept in generated.parents:
-        raise UserInputError(f"--class-images {class_images} is inside the concept's --images folder; "
-                             f"generated class images would mix with the photos, so choose another folder.")
 
 
 class RunLock:
@@ -174,9 +164,3 @@ def clear_previous_run(folder: Path, concepts: set[str]) -> list[str]:
     logger.info("--overwrite: removed the earlier run's %s", ", ".join(names))
     return names
 
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under `folder` (0 when it does not exist)."""
-    if not folder.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 # More --steps continues the same trajectory (the LR schedule does not depend on the total); the others
 # only change when checkpoints, validation grids and logs are written, or how the gradients are computed.

@@ -239,6 +239,12 @@ def test_a_folder_that_is_not_a_run_is_refused_unless_overwrite(tmp_path, monkey
     assert "castle" in (out / "README.md").read_text() and (out / "notes.txt").read_text() == "mine too"
 
 
+def test_resume_and_overwrite_together_are_refused(run, monkeypatch, capsys):
+    before = _snapshot(run)
+    assert_user_error(run_cli([*_args(run, 6), "--resume", "--overwrite"], monkeypatch, capsys), "contradict")
+    assert _snapshot(run) == before
+
+
 def test_an_empty_existing_folder_is_used(tmp_path, monkeypatch, capsys):
     out = tmp_path / "empty"
     out.mkdir()

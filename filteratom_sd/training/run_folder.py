@@ -87,16 +87,22 @@ class RunLock:
         """Drop the lock (and remove the lock file); with remove_created, also the folders acquire() made."""
         if self._fd is None:
             return
+        remove = remove_created and self.folder in self.created
+        if remove:  # emptied while still locked, so no other run's files can be among what goes
+            for entry in self.folder.iterdir():
+                if entry.name != LOCK_NAME:
+                    _remove(entry)
         try:
             os.unlink(self.folder / LOCK_NAME)
         except FileNotFoundError:
             pass
         os.close(self._fd)
         self._fd = None
-        if remove_created:
+        if remove:
             for folder in reversed(self.created):
-                shutil.rmtree(folder, ignore_errors=True)
-                if folder.exists():
+                try:
+                    folder.rmdir()  # only while empty: another run may have taken the folder meanwhile
+                except OSError:
                     break
         self.created = []
 
@@ -104,11 +110,12 @@ class RunLock:
         """The run has started writing: release() leaves the folders acquire() made."""
         self.created = []
 
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
 
 
 def _describe(raw: bytes) -> str:
@@ -137,10 +144,7 @@ def clean_interrupted_writes(folder: Path) -> int:
             leftover = _LEFTOVER.match(entry.name) or (sub == "." and entry.name.startswith(TRASH_PREFIX))
             if not leftover:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            _remove(entry)
             removed += 1
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run in %s", removed, folder)

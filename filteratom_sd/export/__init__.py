@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.adapter_file import read_adapter_metadata
 from ..errors import ConfigError
 from ..models import model_label
 from .adapted import AdaptedModel, adapted_model
@@ -36,7 +37,9 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _check_request(fmt: str, out: Path, rank: int | None, max_error: float | None, overwrite: bool) -> None:
+def _check_request(adapter_path: str | os.PathLike, fmt: str, out: Path, rank: int | None, max_error: float | None,
+                   overwrite: bool) -> None:
+    """Every refusal that needs no model loaded, before one is."""
     if fmt not in FORMATS:
         raise ConfigError(f"Unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}.")
     if fmt != "lora" and (rank is not None or max_error is not None):
@@ -46,16 +49,17 @@ def _check_request(fmt: str, out: Path, rank: int | None, max_error: float | Non
     if fmt != "diffusers" and out.suffix != ".safetensors":
         raise ConfigError(f"The {fmt} format writes one .safetensors file; name the output *.safetensors.")
     check_output(out, overwrite)
+    method = read_adapter_metadata(adapter_path).get("method")
+    if fmt == "lora" and rank is None and max_error is None and method != "lora":
+        raise ConfigError("Choose --rank R or --max-error E: this adapter's updates are not low-rank factors.")
 
 
 def export_adapter(adapter_path: str | os.PathLike, fmt: str, out: str | os.PathLike, model: str | None = None,
                    rank: int | None = None, max_error: float | None = None, overwrite: bool = False) -> ExportResult:
     """Export an adapter file for the base `model` (None: the bundled one) to `out` in format `fmt` (see FORMATS)."""
     out = Path(out)
-    _check_request(fmt, out, rank, max_error, overwrite)
+    _check_request(adapter_path, fmt, out, rank, max_error, overwrite)
     adapted = adapted_model(adapter_path, model)
-    if fmt == "lora" and rank is None and max_error is None and adapted.adapter.method != "lora":
-        raise ConfigError("Choose --rank R or --max-error E: this adapter's updates are not low-rank factors.")
     metadata = {"filteratom_sd_adapter": adapted.adapter.path.name, "filteratom_sd_method": adapted.adapter.method,
                 "base_model": model_label(model)}
     report = None

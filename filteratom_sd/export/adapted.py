@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapter_io import AdapterFile, read_adapter
+from ..core.adapter_file import AdapterFile, read_adapter
 from ..models import load_pipeline
-from ..pipeline import load_adapter, merge_and_unload
+from ..core.api import load_adapter, merge_and_unload
 
 
 @dataclass

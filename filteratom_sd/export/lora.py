@@ -2,7 +2,9 @@
 
 Every layer's difference is factored by truncated SVD, at one rank or at the smallest rank per
 layer that meets a relative error; a `--method lora` adapter's own factors are written as they are.
-`alpha` always equals the layer's rank (scale 1): the scale of a LoRA adapter is folded into `up`.
+Every layer gets the same `alpha` (the largest rank) and `up` carries rank / alpha: diffusers'
+kohya conversion loses the alphas of attention layers and applies its most common alpha instead,
+which is then the right one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..adapter_io import AdapterFile
+from ..core.adapter_file import AdapterFile
 from ..atomic import atomic_path
 from .kohya import kohya_name, split_parameter_key
 from .low_rank import LowRankFactors, low_rank_factors, relative_error
@@ -51,24 +53,29 @@ def lora_tensors(adapter: AdapterFile, deltas: dict[str, Tensor], rank: int | No
                  dtype: torch.dtype = torch.float16) -> tuple[dict[str, Tensor], LoraReport]:
     """The kohya tensors and the error report; a LoRA adapter with no rank or error given keeps its own factors."""
     own = adapter.method == "lora" and rank is None and max_error is None
-    tensors: dict[str, Tensor] = {}
     report = LoraReport()
-    lost = total = 0.0
+    found: dict[str, tuple[Tensor, LowRankFactors]] = {}
     for key, delta in sorted(deltas.items()):
-        norm2 = delta.double().square().sum().item()
-        total += norm2
         module, kind = split_parameter_key(key)
         if kind != "weight" or delta.dim() not in (2, 4):
             report.dropped.append(key)
-            lost += norm2
             continue
-        factors = _own_factors(adapter, module, delta, dtype) if own else low_rank_factors(delta, rank, max_error, dtype)
+        found[module] = delta, (_own_factors(adapter, module, delta, dtype) if own
+                                else low_rank_factors(delta, rank, max_error, dtype))
+    alpha = float(max((factors.rank for _, factors in found.values()), default=1))
+    tensors: dict[str, Tensor] = {}
+    for module, (delta, factors) in found.items():
+        # kohya applies (alpha / rank) * up @ down
+        up = (factors.up.double() * (factors.rank / alpha)).to(dtype).contiguous()
         name = kohya_name(module)
         tensors[f"{name}.lora_down.weight"] = factors.down
-        tensors[f"{name}.lora_up.weight"] = factors.up
-        tensors[f"{name}.alpha"] = torch.tensor(float(factors.rank))
-        report.layers.append(LayerError(module, factors.rank, factors.error))
-        lost += factors.error ** 2 * norm2
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+        report.layers.append(LayerError(module, factors.rank, relative_error(delta, factors.down, up, alpha / factors.rank)))
+    lost = sum(deltas[f"{layer.name}.weight"].double().square().sum().item() * layer.error ** 2
+               for layer in report.layers)
+    lost += sum(deltas[key].double().square().sum().item() for key in report.dropped)
+    total = sum(delta.double().square().sum().item() for delta in deltas.values())
     report.overall_error = math.sqrt(lost / total) if total > 0 else 0.0
     return tensors, report
 

@@ -30,10 +30,10 @@ class LowRankFactors:
         return self.down.shape[0]
 
 
-def relative_error(delta: Tensor, down: Tensor, up: Tensor) -> float:
-    """||dW - up @ down||_F / ||dW||_F, computed in float64 from the stored factors."""
+def relative_error(delta: Tensor, down: Tensor, up: Tensor, scale: float = 1.0) -> float:
+    """||dW - scale * up @ down||_F / ||dW||_F, computed in float64 from the stored factors."""
     matrix = delta.reshape(delta.shape[0], -1).double()
-    product = up.reshape(up.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double()
+    product = scale * up.reshape(up.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double()
     norm = torch.linalg.matrix_norm(matrix).item()
     return 0.0 if norm == 0.0 else torch.linalg.matrix_norm(matrix - product).item() / norm
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import subprocess
@@ -24,7 +23,7 @@ from filteratom_sd.export.ldm_keys import UNET_PREFIX, ldm_state_dict
 from filteratom_sd.export.low_rank import low_rank_factors
 from filteratom_sd.core.inject import add_adapter
 from filteratom_sd.methods.registry import method_class
-from filteratom_sd.models import load_pipeline
+from filteratom_sd.models import build_unet, load_pipeline
 from filteratom_sd.resources import shipped_config
 from filteratom_sd.core.api import load_adapter, merge_and_unload, unload_adapter
 
@@ -152,9 +151,7 @@ def test_low_rank_factors_meet_a_known_spectrum():
 
 @pytest.fixture(scope="module")
 def sd14_unet() -> UNet2DConditionModel:
-    config = json.loads(shipped_config("model", "sd-v1-4-unet").read_text())
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+    return build_unet(shipped_config("model", "sd-v1-4-unet"), device="meta")
 
 
 def test_kohya_names_of_the_sd14_unet_are_what_diffusers_and_kohya_files_use(sd14_unet):

@@ -1,7 +1,6 @@
 """Writing an adapter in the formats other tools load: a diffusers folder, one SD checkpoint file, LyCORIS diffs, LoRA.
 
-Every format starts from the base model with the adapter fused in (`adapted_model`); none needs
-filteratom_sd to be read back.
+Every format starts from the base model with the adapter fused in; none needs filteratom_sd to be read back.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `fa-sd` command line: train, sample, inspect, decompose.
+"""The `fa-sd` command line: train, sample, inspect, decompose, evaluate, compare, export.
 
 User mistakes become one line, `Error: ...`, and exit status 2; --debug shows tracebacks.
 """
@@ -206,6 +206,34 @@ def decompose(model: str | None, preset: str, cache_dir: str | None) -> None:
     for name, r in reports.items():
         click.echo(f"{name:70s} {r.layout:6s} {str(r.shape):22s} error {r.relative_error:.4f}  {r.seconds * 1000:7.1f} ms")
     click.echo(f"{len(reports)} layers in {time.time() - start:.1f} s; cache: {path}")
+
+
+_EXPORT_FORMATS = ("diffusers", "single-file", "lycoris-full", "lora")
+
+
+@cli.command(name="export")
+@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(_EXPORT_FORMATS),
+              help="diffusers: fused pipeline folder; single-file: one checkpoint in the original SD layout (A1111, "
+                   "ComfyUI); lycoris-full: each layer's full difference (fp16); lora: kohya LoRA by truncated SVD.")
+@click.option("--out", required=True, help="Output folder (diffusers) or .safetensors file (the other formats).")
+@click.option("--model", help="Base model the adapter was trained on (default: the bundled tiny model).")
+@click.option("--rank", type=click.IntRange(min=1), help="lora: the same rank for every layer.")
+@click.option("--max-error", type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="lora: per layer, the smallest rank whose relative Frobenius error is at most this.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def export(adapter, fmt, out, model, rank, max_error, overwrite) -> None:
+    """Write an adapter in a format other tools load without filteratom-sd."""
+    from .export import export_adapter
+
+    result = export_adapter(adapter, fmt, out, model=model, rank=rank, max_error=max_error, overwrite=overwrite)
+    if result.lora is not None:
+        for layer in result.lora.layers:
+            click.echo(f"{layer.name:70s} rank {layer.rank:5d}  error {layer.error:.4f}")
+        for key in result.lora.dropped:
+            click.echo(f"{key:70s} not expressible as LoRA (dropped)")
+        click.echo(f"overall relative error {result.lora.overall_error:.4f} over {len(result.lora.layers)} layers")
+    click.echo(f"Wrote {result.path} ({result.size_bytes / 1e6:.2f} MB)")
 
 
 _PROMPT_SET_HELP = "Prompt-set YAML, or a shipped one by name: tiny (default for the bundled model) or dreambooth."

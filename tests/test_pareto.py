@@ -2,7 +2,7 @@
 
 import pytest
 
-from filteratom_sd.pareto import common_fidelity, pareto_front, value_at_fidelity
+from filteratom_sd.evaluation.pareto import common_fidelity, pareto_front, value_at_fidelity
 
 
 def test_front_keeps_the_non_dominated_points_by_increasing_fidelity():

@@ -292,8 +292,9 @@ def frontier(concept, images, methods, seeds, steps, score_every, out, model, to
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise UserInputError(f"--seeds expects comma-separated integers, got {seeds!r}.") from None
-    request = FrontierRequest(concept, images, parse_method_specs(methods), Path(out), seed_list, steps, score_every,
-                              model, token, config_file, prompts_file, progress=not quiet)
+    request = FrontierRequest(concept, images, parse_method_specs(methods), Path(out), seeds=seed_list, steps=steps,
+                              score_every=score_every, model=model, token=token, config_file=config_file,
+                              prompts_file=prompts_file, progress=not quiet)
     points, costs = run_frontier(request)
     title = f"{concept}: {len(request.specs)} methods x lr grid x seeds {seeds}, {steps} steps, scored every {score_every}"
     click.echo(write_tables(points, costs, Path(out), title, fidelity_level))

@@ -118,3 +118,25 @@ def test_budget_pairs_take_the_closest_parameter_count():
              "lokr": RunCosts(9_000, 1, 1.0), "filter-atoms:C2": RunCosts(200_000, 1, 1.0)}
     pairs = {a: (b, round(r, 2)) for a, b, r in budget_pairs(costs)}
     assert pairs == {"filter-atoms:C1": ("lokr", 0.9), "filter-atoms:C2": ("lora:r=1", 0.17)}
+
+
+def test_cli_passes_its_options_and_turns_bad_ones_into_user_errors(tmp_path, monkeypatch, capsys):
+    from .test_cli import assert_user_error, run_cli
+
+    seen = {}
+
+    def capture(request):
+        request.validate()
+        seen["request"] = request
+        return [], {}
+
+    monkeypatch.setattr(frontier_module, "run_frontier", capture)
+    base = ["frontier", "--concept", "castle", "--images", str(CASTLE), "--methods", "filter-atoms:C1,lora:r=1",
+            "--out", str(tmp_path), "--quiet"]
+    code, out, _ = run_cli(base + ["--seeds", "3,4", "--steps", "200", "--score-every", "50",
+                                   "--prompts-file", "p.yaml"], monkeypatch, capsys)
+    request = seen["request"]
+    assert code == 0 and (request.seeds, request.steps, request.score_every) == ([3, 4], 200, 50)
+    assert request.prompts_file == "p.yaml" and request.training == {} and "Common fidelity level" in out
+    assert_user_error(run_cli(base + ["--seeds", "a,b"], monkeypatch, capsys), "--seeds")
+    assert_user_error(run_cli(base + ["--steps", "250"], monkeypatch, capsys), "multiple of --score-every")

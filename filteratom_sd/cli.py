@@ -295,6 +295,42 @@ def compare(concept, images, methods, out, model, token, steps, seed, config_fil
     click.echo(f"Report: {Path(out) / 'report.md'}")
 
 
+@cli.command()
+@click.option("--concept", required=True, help="Name of the concept; the trigger token defaults to <NAME>.")
+@click.option("--images", required=True, help="Folder of the concept's images.")
+@click.option("--methods", "methods", required=True,
+              help="Comma-separated method[:preset or key=value,...] as for compare; lr= pins one rate instead "
+                   "of the method's grid.")
+@click.option("--seeds", default="0,1", show_default=True, help="Comma-separated training seeds of every run.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Training steps of every run.")
+@click.option("--score-every", type=int, default=100, show_default=True, help="Steps between scored checkpoints.")
+@click.option("--out", default="frontier", show_default=True, help="Report folder (runs are kept in OUT/runs).")
+@click.option("--model", help="Base model (default: the bundled tiny model).")
+@click.option("--token", help="Trigger token (default: <concept>).")
+@click.option("--config", "config_file", help="YAML file of training settings shared by every run.")
+@click.option("--prompts-file", help="Prompt-set YAML (default: configs/eval/tiny.yaml or dreambooth.yaml).")
+@click.option("--fidelity-level", type=float, help="A second fidelity level for the matched table.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def frontier(concept, images, methods, seeds, steps, score_every, out, model, token, config_file, prompts_file,
+             fidelity_level, quiet) -> None:
+    """Sweep each method over a learning-rate grid and seeds, score checkpoints, write Pareto fronts (resumable)."""
+    from .evaluation.compare import parse_method_specs
+    from .evaluation.frontier import FrontierRequest, run_frontier
+    from .evaluation.frontier_report import write_tables
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserInputError(f"--seeds expects comma-separated integers, got {seeds!r}.") from None
+    request = FrontierRequest(concept, images, parse_method_specs(methods), Path(out), seeds=seed_list, steps=steps,
+                              score_every=score_every, model=model, token=token, config_file=config_file,
+                              prompts_file=prompts_file, progress=not quiet)
+    points, costs = run_frontier(request)
+    title = f"{concept}: {len(request.specs)} methods x lr grid x seeds {seeds}, {steps} steps, scored every {score_every}"
+    click.echo(write_tables(points, costs, Path(out), title, fidelity_level))
+    click.echo(f"Points: {Path(out) / 'frontier.json'}")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning errors into one-line messages and exit codes."""
     debug = "--debug" in sys.argv[1:]

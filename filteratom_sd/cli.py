@@ -134,7 +134,8 @@ def train(**kwargs: Any) -> None:
 @cli.command()
 @click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False), help="One prompt per line.")
-@click.option("--adapter", "adapters", multiple=True, help="Adapter file (repeatable).")
+@click.option("--adapter", "adapters", multiple=True,
+              help="Adapter file, or a folder holding one such as OUT/checkpoints/step-000500 (repeatable).")
 @click.option("--adapter-scale", "scales", multiple=True, type=float, help="Scale of each adapter, in order.")
 @click.option("--model", help="Base model (default: the bundled tiny model).")
 @click.option("-n", "--num-images", default=1, show_default=True, type=int, help="Images per prompt.")
@@ -162,10 +163,10 @@ def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, gu
 
 
 @cli.command()
-@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.argument("adapter", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(adapter: str, as_json: bool) -> None:
-    """Show an adapter's metadata, targets, parameter count and file size."""
+    """Show an adapter's metadata, targets, parameter count and file size (ADAPTER: a file, or a checkpoint folder)."""
     found = read_adapter(adapter)
     info = {
         "file": str(found.path),

@@ -205,18 +205,18 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
                 writer.add_scalar("lr", lr_scheduler.get_last_lr()[0], step)
             done = step + 1
             if done % settings.checkpoint_every == 0 and done < settings.steps:
-                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
+                _save_checkpoint(accelerator, unet, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
             if settings.validation_prompts and done % settings.validation_every == 0 and accelerator.is_main_process:
                 _validate(pipe, accelerator.unwrap_model(unet), settings, out / "samples" / f"step-{done:06d}.png")
             if guard.received is not None:
-                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
-                _save_adapter(accelerator, unet, adapter_path, settings)
+                _save_checkpoint(accelerator, unet, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
+                _save_adapter(accelerator, unet, adapter_path, settings, done)
                 raise TrainingInterrupted(guard.received, done)
     bar.close()
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(unet)
-    _save_adapter(accelerator, unet, adapter_path, settings)
+    _save_adapter(accelerator, unet, adapter_path, settings, settings.steps)
     if accelerator.is_main_process:
         grid = _validate(pipe, unwrapped, settings, out / "samples" / "final.png")
         write_model_card(out, settings, model_label(settings.model), method.name, count, grid, losses)
@@ -253,17 +253,19 @@ def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, pred
     return own.mean() + settings.prior_loss_weight * cls.mean()
 
 
-def _save_checkpoint(accelerator, folder, step, params, optimizer, lr_scheduler, losses, settings) -> None:
+def _save_checkpoint(accelerator, unet, folder, step, params, optimizer, lr_scheduler, losses, settings) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(folder, step, params, optimizer, lr_scheduler, losses, settings.checkpoints_total_limit)
+        save_checkpoint(folder, step, params, optimizer, lr_scheduler, losses, settings.checkpoints_total_limit,
+                        write_adapter=lambda into: _save_adapter(
+                            accelerator, unet, into / f"{settings.concept}.safetensors", settings, step))
 
 
-def _save_adapter(accelerator, unet, path: Path, settings: TrainingSettings) -> None:
+def _save_adapter(accelerator, unet, path: Path, settings: TrainingSettings, step: int) -> None:
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(unet), path, metadata={
             "token": settings.trigger, "concept": settings.concept, "base_model": model_label(settings.model),
-            "steps": str(settings.steps), "seed": str(settings.seed)})
+            "steps": str(settings.steps), "step": str(step), "seed": str(settings.seed)})
 
 
 def _validation_prompts(settings: TrainingSettings) -> list[str]:

@@ -122,7 +122,7 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     try:
         accelerator = Accelerator(mixed_precision=settings.mixed_precision,
                                   gradient_accumulation_steps=settings.gradient_accumulation_steps,
-                                  log_with=_trackers(settings.report_to),
+                                  log_with=_trackers(settings.report_to) or None,
                                   project_config=ProjectConfiguration(project_dir=str(settings.output_path),
                                                                       logging_dir=str(settings.output_path / "logs")))
     except ValueError as exc:

@@ -1,4 +1,7 @@
-"""Resumable training state: adapter parameters, optimizer and LR-scheduler state, step.
+"""Resumable training state: adapter parameters, optimizer and LR-scheduler state, step; and the adapter file.
+
+Every checkpoint also holds the adapter at its step as a normal adapter file, so a checkpoint
+folder can be sampled, inspected and loaded like the final adapter.
 
 A checkpoint is a folder checkpoints/step-NNNNNN/ written under a temporary name and renamed
 when complete, so a crash never leaves a half-written checkpoint under a final name. Random
@@ -13,6 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,10 +47,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, lr_scheduler,
-                    losses: list[float], keep: int, run: dict | None = None) -> Path:
+                    losses: list[float], keep: int, run: dict | None = None,
+                    write_adapter: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `step` atomically, then drop the oldest ones beyond `keep`.
 
-    `run` (the run's identity and settings) goes into state.json, for --resume to check against.
+    `run` (the run's identity and settings) goes into state.json, for --resume to check against;
+    `write_adapter(folder)` writes the adapter file into the checkpoint before it gets its final name.
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{_PREFIX}{step:06d}"
@@ -58,6 +64,8 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], op
         save_file({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, str(tmp / "params.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, **(run or {})}))
+        if write_adapter is not None:
+            write_adapter(tmp)
         for file in tmp.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())

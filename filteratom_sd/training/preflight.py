@@ -75,7 +75,8 @@ def bytes_needed(trainable: int, settings: TrainingSettings) -> int:
     """Disk a run needs: the fp32 adapter, and checkpoints (weights + AdamW's two moments) kept at once."""
     # +1: a new checkpoint (or the one an interrupt saves) is written before the oldest is removed
     kept = min(settings.checkpoints_total_limit, settings.steps // settings.checkpoint_every) + 1
-    return 4 * trainable + kept * 12 * trainable + 2**20  # 1 MiB for the card, settings, logs and samples
+    # each checkpoint: weights and the two moments for resuming, and the adapter file
+    return 4 * trainable + kept * 16 * trainable + 2**20  # 1 MiB for the card, settings, logs and samples
 
 
 def bytes_reused(out: Path, trainable: int, settings: TrainingSettings) -> int:

@@ -1,7 +1,7 @@
 """filteratom-sd: teach Stable Diffusion a concept by tuning only filter atoms."""
 
 from .core.adapter_file import read_adapter, read_adapter_metadata, save_adapter
-from .core.api import fuse_adapter, load_adapter, set_adapter_scale, unfuse_adapter, unload_adapter
+from .core.api import fuse_adapter, load_adapter, merge_and_unload, set_adapter_scale, unfuse_adapter, unload_adapter
 from .core.inject import add_adapter, remove_adapter
 from .errors import (
     AdapterFormatError,
@@ -35,6 +35,7 @@ __all__ = [
     "decompose_unet",
     "fuse_adapter",
     "load_adapter",
+    "merge_and_unload",
     "read_adapter",
     "read_adapter_metadata",
     "remove_adapter",

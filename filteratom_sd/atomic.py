@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import TrainingError
 
 
 @contextlib.contextmanager
@@ -26,6 +30,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
+    except Exception as exc:
+        if is_disk_full(exc, final.parent):
+            raise disk_full_error(final.parent) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -35,3 +43,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def is_disk_full(exc: BaseException, folder: Path, needed: int = 0) -> bool:
+    """Whether a write failed for lack of space: by errno, by the message of libraries that hide it, or free < needed."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < needed
+    except OSError:
+        return False
+
+
+def disk_full_error(folder: Path) -> TrainingError:
+    """The one-sentence error for a full disk."""
+    return TrainingError(f"The disk holding {folder} is full; free some space and run again "
+                         f"(a training run continues with --resume).")

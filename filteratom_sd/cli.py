@@ -1,4 +1,4 @@
-"""The `fa-sd` command line: train, sample, inspect, decompose.
+"""The `fa-sd` command line: train, sample, inspect, decompose, evaluate, compare, export.
 
 User mistakes become one line, `Error: ...`, and exit status 2; --debug shows tracebacks.
 """
@@ -74,50 +74,106 @@ def _quiet_loading_bars() -> None:
     transformers_logging.set_verbosity_error()
 
 
-@cli.command()
+_TRAIN_EXAMPLES = """Train an adapter on a folder of concept images.
+
+Settings come from the base model's shipped defaults, then --config FILE.yaml, then
+these flags; "default" below names the bundled model's value, and other models' where it differs.
+
+\b
+Examples:
+  fa-sd train --concept castle --images assets/concepts/castle
+  fa-sd train --concept castle --images photos/ --monitor-every 50 --keep best --max-drift 0.5
+  fa-sd train --concept dog --images dog/ --model CompVis/stable-diffusion-v1-4 --mixed-precision fp16 \\
+      --prior-preservation --class-prompt "a photo of a dog" --prior-loss-weight 1.0
+  fa-sd train --concept castle --images photos/ --caption-template "a {} on a white background" \\
+      --lr-scheduler cosine --lr-warmup-steps 50 --report-to tensorboard
+"""
+
+
+def _default(name: str) -> str:
+    from .training.settings import default_text
+
+    return default_text(name)
+
+
+@cli.command(help=_TRAIN_EXAMPLES)
 @click.option("--concept", required=True, help="Name of the concept; the trigger token defaults to <NAME>.")
-@click.option("--images", required=True, help="Folder of 4-9 images of the concept.")
+@click.option("--images", required=True, help="Folder of 4-9 images of the concept (captions from metadata.jsonl or .txt files).")
 @click.option("--token", help="Trigger token (default: <concept>).")
 @click.option("--model", help="Diffusers folder, hub id, or one .safetensors/.ckpt file (default: the bundled tiny model).")
-@click.option("--method", help=f"{', '.join(available_methods())} (default: filter-atoms).")
-@click.option("--preset", help="Filter-atom preset C1, C2, C3 or C4.")
+@click.option("--method", help=f"{', '.join(available_methods())} " + _default("method"))
+@click.option("--preset", help="Filter-atom preset C1, C2, C3 or C4 " + _default("preset"))
 @click.option("--method-option", "method_option", multiple=True, help="Method setting key=value (repeatable).")
 @click.option("--config", "config_file",
-              help=f"YAML file of training settings, or a shipped one by name: {', '.join(shipped_names('training'))}.")
-@click.option("--steps", type=int)
-@click.option("--lr", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--gradient-accumulation-steps", type=int)
-@click.option("--resolution", type=int)
-@click.option("--center-crop/--random-crop", default=None)
-@click.option("--flip/--no-flip", default=None, help="Add horizontally flipped copies.")
-@click.option("--seed", type=int)
-@click.option("--output-dir")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in the output folder.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output folder.")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
-@click.option("--gradient-checkpointing", is_flag=True, default=None)
-@click.option("--prior-preservation", is_flag=True, default=None)
+              help="YAML file of training settings (any setting below, by its YAML name), or a shipped one by name: "
+                   f"{', '.join(shipped_names('training'))}.")
+@click.option("--steps", type=int, help="Training steps " + _default("steps"))
+@click.option("--lr", type=float, help="Learning rate (default: the base model's rate for the method, e.g. 3e-3 for "
+                                       "filter atoms on the bundled model, else the method's own, 1e-3).")
+@click.option("--lr-scheduler", type=click.Choice(["constant", "constant_with_warmup", "linear", "cosine",
+                                                   "cosine_with_restarts", "polynomial"]),
+              help="Learning-rate schedule (diffusers' get_scheduler) " + _default("lr_scheduler"))
+@click.option("--lr-warmup-steps", type=int, help="Steps of linear warm-up " + _default("lr_warmup_steps"))
+@click.option("--weight-decay", "adam_weight_decay", type=float, help="AdamW weight decay " + _default("adam_weight_decay"))
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm " + _default("max_grad_norm"))
+@click.option("--batch-size", type=int, help="Images per step " + _default("batch_size"))
+@click.option("--gradient-accumulation-steps", type=int, help="Batches per optimizer step " + _default("gradient_accumulation_steps"))
+@click.option("--resolution", type=int, help="Training resolution in pixels " + _default("resolution"))
+@click.option("--center-crop/--random-crop", default=None, help="Square crop of each image " + _default("center_crop"))
+@click.option("--flip/--no-flip", default=None, help="Add horizontally flipped copies " + _default("flip"))
+@click.option("--seed", type=int, help="Seed of every random choice " + _default("seed"))
+@click.option("--output-dir", help="Output folder (default: outputs/<concept>).")
+@click.option("--overwrite", is_flag=True,
+              help="Start again: remove an earlier run's checkpoints, samples, logs, card and adapter first.")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CHECKPOINT]",
+              help="Continue from the newest checkpoint in the output folder, or from the checkpoint folder given.")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision " + _default("mixed_precision"))
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory (off by default).")
+@click.option("--instance-prompt", help="Caption of every concept image without its own; must contain the token "
+                                        "(default: the caption templates).")
+@click.option("--caption-template", "prompt_templates", multiple=True,
+              help="Caption template with {} for the token, e.g. 'a {} on a white background': naming the images' "
+                   "context keeps it a matter of the prompt (repeatable; default: configs/prompt_templates.yaml).")
+@click.option("--caption-dropout", type=float, help="Probability of training a concept image with the empty prompt "
+                                                    + _default("caption_dropout"))
+@click.option("--noise-offset", type=float, help="Offset noise (per-channel constant added to the noise) " + _default("noise_offset"))
+@click.option("--prior-preservation/--no-prior-preservation", default=None,
+              help="Also train on the base model's images of the class " + _default("prior_preservation"))
 @click.option("--class-prompt", "class_prompt", multiple=True,
               help="Prompt for prior-preservation images (repeatable: the images cycle through them).")
-@click.option("--class-images")
-@click.option("--num-class-images", type=int)
-@click.option("--min-snr-gamma", type=float)
+@click.option("--class-images", help="Folder of class images (default: OUT/class_images, missing ones generated).")
+@click.option("--num-class-images", type=int, help="Class images to use " + _default("num_class_images"))
+@click.option("--prior-loss-weight", type=float, help="Weight of the class images' loss " + _default("prior_loss_weight"))
+@click.option("--min-snr-gamma", type=float, help="Min-SNR loss weighting gamma (default: off).")
 @click.option("--masked-loss/--no-masked-loss", default=None,
-              help="Weight the loss by each image's alpha channel (transparent pixels are background).")
+              help="Weight the loss by each image's alpha channel (transparent pixels are background; default: off).")
 @click.option("--unmasked-weight", type=float, help="Loss weight of background pixels with --masked-loss (default 0).")
-@click.option("--checkpoint-every", type=int)
-@click.option("--checkpoints-total-limit", type=int)
-@click.option("--validation-prompt", "validation_prompts", multiple=True)
-@click.option("--validation-every", type=int)
-@click.option("--on-nan", type=click.Choice(["skip", "stop"]), help="What to do with a non-finite loss.")
+@click.option("--monitor/--no-monitor", default=None,
+              help="Score a fixed probe set at step 0 and every --monitor-every steps: concept fidelity, alignment in "
+                   "new contexts, prior drift (default: on; OUT/monitor.json, TensorBoard, the model card).")
+@click.option("--monitor-every", type=int, help="Steps between monitor runs " + _default("monitor_every"))
+@click.option("--keep", type=click.Choice(["best", "last"]),
+              help="Which step OUT/<concept>.safetensors holds: 'best' is the highest fidelity among monitored steps "
+                   "whose alignment, prior accuracy and prior drift stay within margins of step 0 " + _default("keep"))
+@click.option("--max-drift", type=float, help="Stop early once the prior drift (relative noise-prediction MSE on "
+                                              "prompts without the token) passes this (default: never).")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (each one also an adapter) "
+                                                   + _default("checkpoint_every"))
+@click.option("--checkpoints-total-limit", type=int, help="Checkpoints kept " + _default("checkpoints_total_limit"))
+@click.option("--validation-prompt", "validation_prompts", multiple=True,
+              help="Prompt sampled into OUT/samples every --validation-every steps (repeatable; default: none).")
+@click.option("--validation-every", type=int, help="Steps between validation grids " + _default("validation_every"))
+@click.option("--report-to", type=click.Choice(["tensorboard", "wandb", "none"]),
+              help="Where losses and monitor scores are logged, through accelerate's trackers " + _default("report_to"))
+@click.option("--on-nan", type=click.Choice(["skip", "stop"]), help="What to do with a non-finite loss " + _default("on_nan"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(**kwargs: Any) -> None:
     """Train an adapter on a folder of concept images."""
-    resume, overwrite, quiet = kwargs.pop("resume"), kwargs.pop("overwrite"), kwargs.pop("quiet")
+    resume, overwrite, quiet = kwargs.pop("resume") or False, kwargs.pop("overwrite"), kwargs.pop("quiet")
     config_file = kwargs.pop("config_file")
     kwargs["method_options"] = _parse_options(kwargs.pop("method_option"))
     kwargs["validation_prompts"] = list(kwargs["validation_prompts"]) or None
+    kwargs["prompt_templates"] = list(kwargs["prompt_templates"]) or None
     class_prompt = list(kwargs["class_prompt"])
     kwargs["class_prompt"] = None if not class_prompt else class_prompt[0] if len(class_prompt) == 1 else class_prompt
     settings = resolve_settings(kwargs, config_file)
@@ -129,12 +185,16 @@ def train(**kwargs: Any) -> None:
         sys.exit(128 + exc.signum)
     click.echo(f"Adapter: {result.adapter_path} ({result.trainable_parameters:,} trainable parameters, "
                f"{result.seconds:.0f} s, final loss {result.losses[-1]:.4f})")
+    if result.stopped_early:
+        click.echo(f"Stopped early: {result.stopped_early}.")
+    click.echo(f"Kept step {result.kept_step}: {result.kept_reason}.")
 
 
 @cli.command()
 @click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False), help="One prompt per line.")
-@click.option("--adapter", "adapters", multiple=True, help="Adapter file (repeatable).")
+@click.option("--adapter", "adapters", multiple=True,
+              help="Adapter file, or a folder holding one such as OUT/checkpoints/step-000500 (repeatable).")
 @click.option("--adapter-scale", "scales", multiple=True, type=float, help="Scale of each adapter, in order.")
 @click.option("--model", help="Base model (default: the bundled tiny model).")
 @click.option("-n", "--num-images", default=1, show_default=True, type=int, help="Images per prompt.")
@@ -162,10 +222,10 @@ def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, gu
 
 
 @cli.command()
-@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.argument("adapter", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(adapter: str, as_json: bool) -> None:
-    """Show an adapter's metadata, targets, parameter count and file size."""
+    """Show an adapter's metadata, targets, parameter count and file size (ADAPTER: a file, or a checkpoint folder)."""
     found = read_adapter(adapter)
     info = {
         "file": str(found.path),
@@ -204,6 +264,34 @@ def decompose(model: str | None, preset: str, cache_dir: str | None) -> None:
     for name, r in reports.items():
         click.echo(f"{name:70s} {r.layout:6s} {str(r.shape):22s} error {r.relative_error:.4f}  {r.seconds * 1000:7.1f} ms")
     click.echo(f"{len(reports)} layers in {time.time() - start:.1f} s; cache: {path}")
+
+
+_EXPORT_FORMATS = ("diffusers", "single-file", "lycoris-full", "lora")
+
+
+@cli.command(name="export")
+@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(_EXPORT_FORMATS),
+              help="diffusers: fused pipeline folder; single-file: one checkpoint in the original SD layout (A1111, "
+                   "ComfyUI); lycoris-full: each layer's full difference (fp16); lora: kohya LoRA by truncated SVD.")
+@click.option("--out", required=True, help="Output folder (diffusers) or .safetensors file (the other formats).")
+@click.option("--model", help="Base model the adapter was trained on (default: the bundled tiny model).")
+@click.option("--rank", type=click.IntRange(min=1), help="lora: the same rank for every layer.")
+@click.option("--max-error", type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="lora: per layer, the smallest rank whose relative Frobenius error is at most this.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def export(adapter, fmt, out, model, rank, max_error, overwrite) -> None:
+    """Write an adapter in a format other tools load without filteratom-sd."""
+    from .export import export_adapter
+
+    result = export_adapter(adapter, fmt, out, model=model, rank=rank, max_error=max_error, overwrite=overwrite)
+    if result.lora is not None:
+        for layer in result.lora.layers:
+            click.echo(f"{layer.name:70s} rank {layer.rank:5d}  error {layer.error:.4f}")
+        for key in result.lora.dropped:
+            click.echo(f"{key:70s} not expressible as LoRA (dropped)")
+        click.echo(f"overall relative error {result.lora.overall_error:.4f} over {len(result.lora.layers)} layers")
+    click.echo(f"Wrote {result.path} ({result.size_bytes / 1e6:.2f} MB)")
 
 
 _PROMPT_SET_HELP = "Prompt-set YAML, or a shipped one by name: tiny (default for the bundled model) or dreambooth."
@@ -263,6 +351,42 @@ def compare(concept, images, methods, out, model, token, steps, seed, config_fil
     records = run_comparison(request)
     click.echo(table_markdown(records))
     click.echo(f"Report: {Path(out) / 'report.md'}")
+
+
+@cli.command()
+@click.option("--concept", required=True, help="Name of the concept; the trigger token defaults to <NAME>.")
+@click.option("--images", required=True, help="Folder of the concept's images.")
+@click.option("--methods", "methods", required=True,
+              help="Comma-separated method[:preset or key=value,...] as for compare; lr= pins one rate instead "
+                   "of the method's grid.")
+@click.option("--seeds", default="0,1", show_default=True, help="Comma-separated training seeds of every run.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Training steps of every run.")
+@click.option("--score-every", type=int, default=100, show_default=True, help="Steps between scored checkpoints.")
+@click.option("--out", default="frontier", show_default=True, help="Report folder (runs are kept in OUT/runs).")
+@click.option("--model", help="Base model (default: the bundled tiny model).")
+@click.option("--token", help="Trigger token (default: <concept>).")
+@click.option("--config", "config_file", help="YAML file of training settings shared by every run.")
+@click.option("--prompts-file", help="Prompt-set YAML (default: configs/eval/tiny.yaml or dreambooth.yaml).")
+@click.option("--fidelity-level", type=float, help="A second fidelity level for the matched table.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def frontier(concept, images, methods, seeds, steps, score_every, out, model, token, config_file, prompts_file,
+             fidelity_level, quiet) -> None:
+    """Sweep each method over a learning-rate grid and seeds, score checkpoints, write Pareto fronts (resumable)."""
+    from .evaluation.compare import parse_method_specs
+    from .evaluation.frontier import FrontierRequest, run_frontier
+    from .evaluation.frontier_report import write_tables
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserInputError(f"--seeds expects comma-separated integers, got {seeds!r}.") from None
+    request = FrontierRequest(concept, images, parse_method_specs(methods), Path(out), seeds=seed_list, steps=steps,
+                              score_every=score_every, model=model, token=token, config_file=config_file,
+                              prompts_file=prompts_file, progress=not quiet)
+    points, costs = run_frontier(request)
+    title = f"{concept}: {len(request.specs)} methods x lr grid x seeds {seeds}, {steps} steps, scored every {score_every}"
+    click.echo(write_tables(points, costs, Path(out), title, fidelity_level))
+    click.echo(f"Points: {Path(out) / 'frontier.json'}")
 
 
 def main() -> None:

@@ -52,8 +52,8 @@ class SampleRequest:
             if size is not None and (size <= 0 or size % 8):
                 raise UserInputError("--height and --width must be positive multiples of 8.")
         for adapter in self.adapters:
-            if not Path(adapter).is_file():
-                raise UserInputError(f"No adapter file at {adapter}.")
+            if not Path(adapter).exists():
+                raise UserInputError(f"No adapter file or folder at {adapter}.")
 
 
 def _slug(prompt: str) -> str:

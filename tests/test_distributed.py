@@ -29,7 +29,7 @@ def test_two_cpu_processes_train_one_adapter(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "castle.safetensors", "checkpoints", "logs",
-                                                     "samples", "training_config.yaml"]
+                                                     "monitor", "monitor.json", "samples", "training_config.yaml"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
     assert len(list((out / "logs").iterdir())) == 1, "a second process wrote TensorBoard logs"
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))

@@ -8,7 +8,7 @@ from filteratom_sd import FilterAtomConfig, add_filter_atoms
 from filteratom_sd.errors import ConfigError
 from filteratom_sd.core.layer import AdaptedLayer
 from filteratom_sd.filter_atoms.delta import AtomDelta
-from filteratom_sd.filter_atoms.functional import overcomplete_update
+from filteratom_sd.filter_atoms.overcomplete import overcomplete_update
 from filteratom_sd.core.inject import attached_adapters
 
 from .tiny_unet import make_inputs, make_unet, run
@@ -34,7 +34,9 @@ def test_only_adapter_parameters_train_and_all_get_gradients(preset):
     assert all(".deltas.default.delta_" in n for n, _ in trainable)
     unet.train()
     unet(*make_inputs()).sample.pow(2).mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable)
+    # C3's beta multiplies D1, which starts at zero: its gradient is exactly 0 until D1 has moved
+    at_init = [(n, p) for n, p in trainable if not n.endswith("delta_beta")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in at_init)
     assert all(p.grad is None for p in unet.parameters() if not p.requires_grad)
 
 
@@ -126,7 +128,7 @@ def test_overcomplete_update_matches_building_the_atoms_explicitly():
     per_channel = torch.einsum("imj,mjpq->impq", beta, atoms1)  # D_il = sum_j beta_ilj D1_lj
     new_weight = torch.einsum("oim,impq->oipq", alpha, per_channel)
     old_weight = torch.einsum("oim,mpq->oipq", alpha, atoms0)
-    torch.testing.assert_close(overcomplete_update(alpha, atoms0, d_beta, d_atoms1), new_weight - old_weight)
+    torch.testing.assert_close(overcomplete_update(alpha, atoms0, d_beta, d_atoms1, init="copies"), new_weight - old_weight)
 
 
 def test_merge_unmerge_restore_exactly_and_scale_multiplies():

@@ -19,7 +19,7 @@ import filteratom_sd.training.loop as train_module
 import filteratom_sd.training.preflight as preflight
 from filteratom_sd.core.adapter_file import read_adapter
 from filteratom_sd.training.data import load_concept_images
-from filteratom_sd.errors import AdapterFormatError, ConfigError, DataError, UserInputError
+from filteratom_sd.errors import AdapterFormatError, ConfigError, DataError, TrainingError, UserInputError
 from filteratom_sd.training.loop import train
 from filteratom_sd.training.settings import read_yaml
 
@@ -129,7 +129,7 @@ def test_disk_full_while_saving_the_adapter_leaves_no_file_and_keeps_the_checkpo
 
     monkeypatch.setattr(adapter_io, "save_file", full_disk)
     out = tmp_path / "run"
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(TrainingError, match="disk holding .* is full"):
         train(quick_settings(out, steps=4, checkpoint_every=2), progress=False)
     assert not (out / "castle.safetensors").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".castle")]  # the temporary file is gone

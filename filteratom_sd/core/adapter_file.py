@@ -113,16 +113,38 @@ def _json_field(meta: dict[str, str], key: str, kind: type, name: Path) -> Any:
     return value
 
 
-def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The raw string metadata of an adapter file, after checking it is one of ours."""
-    file = Path(path)
-    if not file.is_file():
-        raise AdapterFormatError(f"No adapter file at {file}.")
+def _raw_metadata(file: Path) -> dict[str, str]:
     try:
         with safe_open(str(file), framework="pt") as handle:
-            meta = handle.metadata() or {}
+            return handle.metadata() or {}
     except Exception:  # safetensors raises several types for non-safetensors and truncated files
         raise AdapterFormatError(f"{file} is not a readable safetensors file (wrong format or truncated).") from None
+
+
+def resolve_adapter_path(path: str | os.PathLike) -> Path:
+    """An adapter file as given, or the one adapter file inside a folder (a run's output or one of its checkpoints)."""
+    place = Path(path)
+    if not place.is_dir():
+        return place
+    found = []
+    for candidate in sorted(place.glob("*.safetensors")):
+        try:
+            if _raw_metadata(candidate).get("format") == FORMAT_NAME:
+                found.append(candidate)
+        except AdapterFormatError:
+            continue  # a damaged or foreign file beside the adapter is not a reason to refuse the folder
+    if len(found) != 1:
+        what = "no filteratom-sd adapter" if not found else f"{len(found)} adapters ({', '.join(f.name for f in found)})"
+        raise AdapterFormatError(f"The folder {place} holds {what}; give the adapter file itself.")
+    return found[0]
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The raw string metadata of an adapter file (or a folder holding one), after checking it is one of ours."""
+    file = resolve_adapter_path(path)
+    if not file.is_file():
+        raise AdapterFormatError(f"No adapter file at {file}.")
+    meta = _raw_metadata(file)
     if meta.get("format") != FORMAT_NAME:
         raise AdapterFormatError(f"{file} is a safetensors file but not a filteratom-sd adapter.")
     if meta.get("format_version") != str(FORMAT_VERSION):
@@ -132,8 +154,8 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read and validate an adapter file (nothing is unpickled: safetensors only)."""
-    file = Path(path)
+    """Read and validate an adapter file, or the one in a folder (nothing is unpickled: safetensors only)."""
+    file = resolve_adapter_path(path)
     meta = read_adapter_metadata(file)
     method = meta.get("method")
     if not isinstance(method, str) or not method:

@@ -139,3 +139,17 @@ def unload_adapter(pipe: Any, adapter_name: str | None = None) -> None:
         unfuse_adapter(unet)
     for name in names:
         remove_adapter(unet, name)
+
+
+
+def merge_and_unload(pipe: Any) -> None:
+    """Fuse every loaded adapter, then put the plain layers holding the fused weights back in place.
+
+    The UNet is then an ordinary diffusers model (its `save_pretrained` writes the standard keys, so
+    plain diffusers loads the adapted model); the adapters are gone and cannot be unfused.
+    """
+    unet = _unet(pipe)
+    fuse_adapter(unet)
+    for name, method in list(attached_adapters(unet).items()):
+        method.unload_fused(unet)
+        record_adapter(unet, name, None)

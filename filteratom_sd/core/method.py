@@ -78,6 +78,10 @@ class AdapterMethod(ABC):
     def remove(self, unet: nn.Module, adapter_name: str) -> None:
         """Remove this adapter; when it was the last one, the UNet is its base again."""
 
+    @abstractmethod
+    def unload_fused(self, unet: nn.Module) -> None:
+        """After `fuse`: replace this family's wrappers by their base layers, which keep the fused weights."""
+
 
 class LayerDeltaMethod(AdapterMethod):
     """A method whose update is a `WeightDelta` on each targeted conv / linear layer."""
@@ -139,3 +143,8 @@ class LayerDeltaMethod(AdapterMethod):
             if len(layer.deltas) == 0:
                 layer.unmerge()
                 set_submodule(unet, target, layer.base_layer)
+
+    def unload_fused(self, unet: nn.Module) -> None:
+        # every wrapper, not only `targets`: other adapters of this family share the same layers
+        for target, layer in [(n, m) for n, m in unet.named_modules() if isinstance(m, AdaptedLayer)]:
+            set_submodule(unet, target, layer.base_layer)

@@ -112,8 +112,8 @@ class EvalRequest:
         if not self.adapters and not self.include_base:
             raise UserInputError("Give at least one --adapter (or --base to score the base model).")
         for adapter in self.adapters:
-            if not Path(adapter).is_file():
-                raise UserInputError(f"No adapter file at {adapter}.")
+            if not Path(adapter).exists():
+                raise UserInputError(f"No adapter file or folder at {adapter}.")
         if self.include_base and not self.token and not self.adapters:
             raise UserInputError("Scoring only the base model needs --token (the concept's trigger token).")
 

@@ -10,11 +10,13 @@ from typing import Any
 from ..checks import check_patterns
 from ..errors import ConfigError
 from .functional import SOLVERS
+from .overcomplete import OVERCOMPLETE_INITS
 
 STRATEGIES = ("D", "D+Dc", "beta+D1+Dc")
 
 # Table 2 of the paper: (m, kc) = (6, 4) and (9, 16) tune D and D_c; C3 adds overcomplete
 # atoms (m1 = 3); C4 is C2 with the coefficients alpha trainable too (the overfitting ablation).
+# kc = 16 is the Table 2 text's; Tables 9/10 say (9, 8) and C4's 587 M count fits kc = 8: `kc=8` selects it.
 PRESETS: dict[str, dict[str, Any]] = {
     "C1": {"m": 6, "kc": 4, "strategy": "D+Dc"},
     "C2": {"m": 9, "kc": 16, "strategy": "D+Dc"},
@@ -31,6 +33,8 @@ class FilterAtomConfig:
     """Settings of a filter-atom adapter.
 
     m: atoms per k x k conv (and per linear block); m1: overcomplete factor (beta+D1+Dc only);
+    overcomplete_init: where beta and D1 start, "residual" (random beta on top of the kept atoms,
+    so the m1 copies separate) or the paper's "copies" (they never do; see overcomplete.py);
     kc / kc_out: block edges of the Kronecker form of linear and 1x1 layers (kc_out defaults to kc);
     strategy: "D" (k x k convs only), "D+Dc" (also linear / 1x1 layers) or "beta+D1+Dc";
     train_alpha: also tune the coefficients (paper's C4); target_modules / exclude_modules:
@@ -43,6 +47,7 @@ class FilterAtomConfig:
     kc: int = 16
     kc_out: int | None = None
     m1: int = 3
+    overcomplete_init: str = "residual"
     strategy: str = "D+Dc"
     train_alpha: bool = False
     target_modules: list[str] | None = None
@@ -78,6 +83,9 @@ class FilterAtomConfig:
             raise ConfigError(f"kc_out must be a positive integer up to {_INT_LIMITS['kc']}, got {self.kc_out!r}.")
         if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
             raise ConfigError(f"Unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}.")
+        if not isinstance(self.overcomplete_init, str) or self.overcomplete_init not in OVERCOMPLETE_INITS:
+            raise ConfigError(f"Unknown overcomplete_init {self.overcomplete_init!r}; "
+                              f"choose one of: {', '.join(OVERCOMPLETE_INITS)}.")
         if not isinstance(self.solver, str) or self.solver not in SOLVERS:
             raise ConfigError(f"Unknown solver {self.solver!r}; choose one of: {', '.join(SOLVERS)}.")
         if self.lam < 0:

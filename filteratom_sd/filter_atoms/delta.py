@@ -1,6 +1,6 @@
 """`AtomDelta`: the filter-atom update of one adapted layer (the module that holds the parameters).
 
-The formulas it applies are the pure functions of `functional`; this module keeps the
+The formulas it applies are the pure functions of `functional` and `overcomplete`; this module keeps the
 trainable tensors, the frozen atoms and the fast paths that avoid building alpha.
 """
 
@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.kronecker_path import coefficient_rows
 from ..core.layer import AdaptedLayer, WeightDelta
 from ..errors import ConfigError
-from .functional import atom_update, overcomplete_atom_change, overcomplete_update
+from .functional import atom_update
+from .overcomplete import OVERCOMPLETE_INITS, atom_change, initial_beta, update_from_atom_change
 
 
 class AtomDelta(WeightDelta):
@@ -29,6 +31,9 @@ class AtomDelta(WeightDelta):
     applied as W + s rows(W) (pinv(D0) dD), a d x d matrix per layer, so for 3x3 kernels
     with m = 9 no tensor the size of W is kept besides W itself. `coefficient_shape`
     (c_out, c_in) is then required.
+
+    With `m1` the atoms are overcomplete (C3): `delta_beta` and `delta_atoms1` hold beta and D1 in
+    the form `overcomplete_init` names ("residual" or the paper's "copies", see overcomplete.py).
     """
 
     def __init__(
@@ -40,13 +45,17 @@ class AtomDelta(WeightDelta):
         train_alpha: bool = False,
         dtype: torch.dtype = torch.float32,
         coefficient_shape: tuple[int, int] | None = None,
+        overcomplete_init: str = "residual",
     ) -> None:
         super().__init__()
         if layout not in ("conv", "blocks"):
             raise ConfigError(f"Unknown atom layout '{layout}'.")
         if alpha is None and (layout != "conv" or train_alpha or coefficient_shape is None):
             raise ConfigError("Only frozen conv coefficients can be derived from the weight; pass alpha.")
+        if overcomplete_init not in OVERCOMPLETE_INITS:
+            raise ConfigError(f"Unknown overcomplete_init {overcomplete_init!r}; choose one of: {', '.join(OVERCOMPLETE_INITS)}.")
         self.layout = layout
+        self.overcomplete_init = overcomplete_init
         self.coefficient_shape = tuple(int(v) for v in (coefficient_shape if alpha is None else alpha.shape[:2]))
         self.register_buffer("_alpha", None if alpha is None else alpha.to(dtype), persistent=False)
         self.register_buffer("atoms0", atoms0.to(dtype))
@@ -55,13 +64,16 @@ class AtomDelta(WeightDelta):
             self.delta_atoms = nn.Parameter(torch.zeros(m, p, q, dtype=dtype, device=atoms0.device))
         else:
             c_in = self.coefficient_shape[1]
-            self.delta_beta = nn.Parameter(torch.zeros(c_in, m, m1, dtype=dtype, device=atoms0.device))
+            beta = (initial_beta(c_in, m, m1, dtype, atoms0.device) if overcomplete_init == "residual"
+                    else torch.zeros(c_in, m, m1, dtype=dtype, device=atoms0.device))
+            self.delta_beta = nn.Parameter(beta)
             self.delta_atoms1 = nn.Parameter(torch.zeros(m, m1, p, q, dtype=dtype, device=atoms0.device))
         self.delta_alpha = (
             nn.Parameter(torch.zeros(*self.coefficient_shape, m, dtype=dtype, device=atoms0.device)) if train_alpha else None
         )
         self._layer: weakref.ref | None = None
         self._pinv: tuple[Any, Tensor] | None = None
+        self._rows: tuple[Any, Tensor] | None = None  # alpha as kronecker_path's coefficient rows
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -75,6 +87,10 @@ class AtomDelta(WeightDelta):
     def overcomplete(self) -> bool:
         """True for the beta + D1 parametrisation."""
         return hasattr(self, "delta_atoms1")
+
+    def atom_change(self) -> Tensor:
+        """D_il - D0_l per input channel (c_in, m, k, k) of the overcomplete form."""
+        return atom_change(self.overcomplete_init, self.atoms0, self.delta_beta, self.delta_atoms1)
 
     @property
     def derived(self) -> bool:
@@ -101,6 +117,19 @@ class AtomDelta(WeightDelta):
         return (rows @ pinv).to(self.atoms0.dtype).reshape(*self.coefficient_shape, m)
 
     @property
+    def supports_kronecker(self) -> bool:  # type: ignore[override]
+        """Stored alpha of a blocks layout, frozen: dW = sum_m alpha_m (x) dD_m."""
+        return self.layout == "blocks" and self._alpha is not None and self.delta_alpha is None
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor]:
+        """(alpha as the (a m) x b matrix of `kronecker_path.coefficient_rows`, dD (m, p, q))."""
+        alpha = self._alpha
+        key = (alpha.data_ptr(), alpha._version, alpha.dtype, alpha.device)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, coefficient_rows(alpha))
+        return self._rows[1], self.delta_atoms
+
+    @property
     def supports_taps(self) -> bool:  # type: ignore[override]
         """Derived alpha without trainable coefficients: dW = rows(W) T, a transform of the taps."""
         return self.derived and self.delta_alpha is None
@@ -109,7 +138,7 @@ class AtomDelta(WeightDelta):
         """T = pinv(D0) dD (1, d, d), or pinv(D0) (D_i - D0) per input channel (c_in, d, d) when overcomplete."""
         m, p, q = self.atoms0.shape
         if self.overcomplete:
-            change = overcomplete_atom_change(self.atoms0, self.delta_beta, self.delta_atoms1)
+            change = self.atom_change()
             return self._projector() @ change.reshape(-1, m, p * q)
         return (self._projector() @ self.delta_atoms.reshape(m, p * q)).unsqueeze(0)
 
@@ -125,7 +154,7 @@ class AtomDelta(WeightDelta):
     def delta_weight(self, weight: Tensor) -> Tensor:
         alpha = self.coefficients(weight)
         if self.overcomplete:
-            update = overcomplete_update(alpha, self.atoms0, self.delta_beta, self.delta_atoms1, self.delta_alpha)
+            update = update_from_atom_change(alpha, self.atoms0, self.atom_change(), self.delta_alpha)
         else:
             update = atom_update(alpha, self.atoms0, self.delta_atoms, self.delta_alpha)
         if self.layout == "conv":
@@ -148,7 +177,7 @@ class AtomDelta(WeightDelta):
             update = torch.einsum("oid,ide->oie", weight.reshape(*self.coefficient_shape, d).to(dtype), transform)
             return torch.add(accumulator, update.reshape(accumulator.shape), alpha=scale)
         if self.overcomplete:
-            change = overcomplete_atom_change(self.atoms0, self.delta_beta, self.delta_atoms1).reshape(-1, m, d)
+            change = self.atom_change().reshape(-1, m, d)
             update = torch.einsum("oim,imd->oid", self._alpha, change).to(dtype)
             return torch.add(accumulator, update.reshape(accumulator.shape), alpha=scale)
         delta = self.delta_atoms.reshape(m, d)

@@ -11,8 +11,8 @@ Solvers:
 - "lasso": the paper's sparse coding, min ||F - alpha D||^2 + lam ||alpha||_1,
   by alternating batched FISTA on alpha and least squares on D (unit-norm atoms).
 
-The update formulas (`atom_update`, `overcomplete_update`) give dW from alpha, the fixed atoms
-and the trained changes; `AtomDelta` (delta.py) applies them to a layer.
+The update formula `atom_update` (and overcomplete.py's for C3) gives dW from alpha, the fixed
+atoms and the trained changes; `AtomDelta` (delta.py) applies them to a layer.
 """
 
 from __future__ import annotations
@@ -323,31 +323,4 @@ def atom_update(alpha: Tensor, atoms0: Tensor, delta_atoms: Tensor, delta_alpha:
     update = torch.einsum("abm,mpq->abpq", alpha, delta_atoms)
     if delta_alpha is not None:
         update = update + torch.einsum("abm,mpq->abpq", delta_alpha, atoms0 + delta_atoms)
-    return update
-
-
-def overcomplete_atom_change(atoms0: Tensor, delta_beta: Tensor, delta_atoms1: Tensor) -> Tensor:
-    """D_il - D0_l per input channel i (i, m, k, k) for beta = 1/m1 + dB and D1 = D0 + dD1 (see below)."""
-    m1 = delta_atoms1.shape[1]
-    return (
-        delta_atoms1.sum(1).unsqueeze(0) / m1
-        + delta_beta.sum(2)[..., None, None] * atoms0.unsqueeze(0)
-        + torch.einsum("imj,mjpq->impq", delta_beta, delta_atoms1)
-    )
-
-
-def overcomplete_update(
-    alpha: Tensor, atoms0: Tensor, delta_beta: Tensor, delta_atoms1: Tensor, delta_alpha: Tensor | None = None
-) -> Tensor:
-    """dW for overcomplete atoms (section 3.2): D_il = sum_j beta_ilj D1_lj per input channel i.
-
-    D1 starts as each atom repeated m1 times and beta as 1/m1, so with beta = 1/m1 + dB and
-    D1 = D0 + dD1 the atom change expands to a sum of terms that are each exactly 0 at 0.
-    Shapes: alpha (o, i, m), atoms0 (m, k, k), delta_beta (i, m, m1), delta_atoms1 (m, m1, k, k).
-    """
-    atom_change = overcomplete_atom_change(atoms0, delta_beta, delta_atoms1)
-    update = torch.einsum("oim,impq->oipq", alpha, atom_change)
-    if delta_alpha is not None:
-        atoms_now = atoms0.unsqueeze(0) + atom_change
-        update = update + torch.einsum("oim,impq->oipq", delta_alpha, atoms_now)
     return update

@@ -23,6 +23,8 @@ from .targets import check_block_size, select_targets
 
 logger = logging.getLogger(__name__)
 
+_FIELDS_BEFORE_OVERCOMPLETE_INIT = {f.name for f in dataclasses.fields(FilterAtomConfig)} - {"overcomplete_init"}
+
 
 def parameter_shapes(config: FilterAtomConfig, layout: str, weight_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """Shapes of the saved tensors of one layer (Table 6 of the paper), from the config and the layer shape alone.
@@ -59,6 +61,9 @@ class FilterAtomMethod(LayerDeltaMethod):
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> "FilterAtomMethod":
+        if set(config) == _FIELDS_BEFORE_OVERCOMPLETE_INIT:
+            # a saved config from before the field existed: its overcomplete atoms started as the paper's copies
+            config = {**config, "overcomplete_init": "copies"}
         return cls(FilterAtomConfig.from_dict(config))
 
     def expected_shapes(self, unet: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
@@ -129,7 +134,8 @@ class FilterAtomMethod(LayerDeltaMethod):
             m1 = config.m1 if (config.strategy == "beta+D1+Dc" and layout == "conv") else None
             alpha = None if derived else found.alpha.to(weight.device)
             delta = AtomDelta(alpha, found.atoms0.to(weight.device), layout, m1=m1, train_alpha=config.train_alpha,
-                              dtype=self.compute_dtype, coefficient_shape=tuple(weight.shape[:2]))
+                              dtype=self.compute_dtype, coefficient_shape=tuple(weight.shape[:2]),
+                              overcomplete_init=config.overcomplete_init)
             layer.add_delta(adapter_name, delta, scale=config.scale)
             self.layouts[target] = layout
             self.reports[target] = dataclasses.replace(found, alpha=None)  # alpha lives in the layer only

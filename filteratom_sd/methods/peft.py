@@ -247,6 +247,14 @@ class PeftMethod(OptionsBacked, AdapterMethod):
         registry.pop(adapter_name, None)
         set_registry(unet, registry)
 
+    def unload_fused(self, unet: nn.Module) -> None:
+        wrapped = [n for n, m in unet.named_modules() if is_peft_layer(m) and not is_peft_layer(_parent(unet, n))]
+        for target in wrapped:
+            outer = unet.get_submodule(target)
+            pop_fuse_backup(outer)
+            set_submodule(unet, target, outer.get_base_layer())
+        set_registry(unet, {})
+
 
 def _parent(root: nn.Module, name: str) -> nn.Module:
     return root.get_submodule(name.rpartition(".")[0])

@@ -143,6 +143,14 @@ def _normalise(mask: np.ndarray) -> np.ndarray | None:
     return np.asarray(resized) > 127
 
 
+def mask_similarity(mask: np.ndarray, reference: np.ndarray) -> float:
+    """IoU in [0, 1] of two foreground masks, each cropped to its bounding box and resized to a common grid."""
+    own, ref = _normalise(mask), _normalise(reference)
+    if own is None or ref is None:
+        return 0.0
+    return float(np.logical_and(own, ref).sum() / np.logical_or(own, ref).sum())
+
+
 @functools.lru_cache(maxsize=None)
 def reference_masks(shape: str) -> tuple[np.ndarray, ...]:
     """Silhouettes of a shape at the rotations the generator uses (castles are never rotated)."""

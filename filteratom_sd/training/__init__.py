@@ -1,2 +1,2 @@
 """Concept training: settings, images and prompts, prior preservation, pre-flight checks, cached
-latents, the accelerate loop, checkpoints and the model card."""
+latents, the accelerate loop, checkpoints, resume and the run folder's lock, and the model card."""

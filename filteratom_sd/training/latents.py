@@ -34,15 +34,25 @@ class LatentSet:
     """Cached latents of a set of views, each view's loss weights and prompt embedding."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, weights: torch.Tensor, embeddings: torch.Tensor,
-                 prompt_of_view: list[int], scaling: float) -> None:
+                 prompt_of_view: list[int], scaling: float, view_prompts: list[str]) -> None:
         self.mean, self.std, self.weights, self.embeddings, self.scaling = mean, std, weights, embeddings, scaling
         self.prompt_of_view = torch.tensor(prompt_of_view)
+        self.view_prompts = view_prompts
+        self.caption_dropout, self.empty_embedding = 0.0, None
+
+    def drop_captions(self, probability: float, empty_embedding: torch.Tensor) -> None:
+        """Train each sampled view with the empty prompt with this probability (caption dropout)."""
+        self.caption_dropout, self.empty_embedding = probability, empty_embedding
 
     def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.mean), (count,), generator=generator)
         eps = torch.randn(self.std[idx].shape, generator=generator).to(self.std.device)
         latents = (self.mean[idx] + self.std[idx] * eps) * self.scaling
-        return latents, self.embeddings[self.prompt_of_view[idx].to(self.embeddings.device)], self.weights[idx]
+        embeddings = self.embeddings[self.prompt_of_view[idx].to(self.embeddings.device)]
+        if self.caption_dropout > 0:
+            dropped = (torch.rand(count, generator=generator) < self.caption_dropout).to(embeddings.device)
+            embeddings = torch.where(dropped[:, None, None], self.empty_embedding, embeddings)
+        return latents, embeddings, self.weights[idx]
 
 
 def loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], unmasked_weight: float) -> torch.Tensor:
@@ -59,4 +69,5 @@ def latent_set(pipe, images, prompts, settings, device, dtype, seed_offset: int,
     distinct = sorted(set(prompts))
     embeddings = encode_prompts(pipe, distinct, device)
     prompt_of_view = [distinct.index(prompts[o]) for o in owners]
-    return LatentSet(mean, std, weights.to(device), embeddings, prompt_of_view, pipe.vae.config.scaling_factor)
+    return LatentSet(mean, std, weights.to(device), embeddings, prompt_of_view, pipe.vae.config.scaling_factor,
+                     [prompts[o] for o in owners])

@@ -7,6 +7,7 @@ reproducible and a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,19 +18,26 @@ import torch
 import torch.nn.functional as F
 
 from ..core.adapter_file import save_adapter
+from ..core.fingerprint import fingerprint
 from ..core.inject import add_adapter
 from ..core.layer import set_weight_recompute
 from ..core.method import AdapterMethod
 from ..errors import ConfigError, DataError, TrainingError
+from ..evaluation.best_step import Choice
 from ..images import save_grid
 from ..methods.registry import method_class
 from ..models import load_pipeline, model_label
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import instance_prompts, load_concept_images
-from .latents import latent_set
+from .latents import encode_prompts, latent_set
 from .model_card import write_model_card
-from .preflight import CONFIG_NAME, bytes_needed, check_free_space, check_output_dir, check_output_writable
+from .preflight import (CONFIG_NAME, bytes_needed, bytes_reused, check_class_images_folder, check_free_space,
+                        check_output_dir, check_output_writable, previous_concept)
+from .monitor import CURVE_FILE, TrainingMonitor, monitor_due
 from .prior import prepare_class_images
+from .resume import CheckpointRecord, check_resumable, find_checkpoint, read_record
+from .run_folder import RunLock, check_not_foreign, clean_interrupted_writes, clear_previous_run
+from .run_identity import check_resume_steps, content_hash, run_identity
 from .settings import TrainingSettings, write_settings
 
 logger = logging.getLogger(__name__)
@@ -53,6 +61,10 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     skipped_steps: int = 0
+    kept_step: int = 0
+    kept_reason: str = ""
+    stopped_early: str | None = None
+    monitor_seconds: float = 0.0
 
 
 def build_method(settings: TrainingSettings) -> AdapterMethod:
@@ -99,24 +111,66 @@ class _SignalGuard:
             signal.signal(signum, handler)
 
 
-def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train one adapter on a concept folder; every user mistake is found before anything is written."""
+def train(settings: TrainingSettings, resume: bool | str | os.PathLike = False, overwrite: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train one adapter on a concept folder; every user mistake is found before anything is written.
+
+    `resume`: True continues from the newest checkpoint in the output folder; a checkpoint's path, from that one.
+    """
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    settings.validate()
+    images = load_concept_images(settings.images)
+    check_class_images_folder(settings.images, settings.class_images)
+    check_output_writable(settings.output_path)
+    check_not_foreign(settings.output_path, overwrite)
+    check_output_dir(settings, bool(resume), overwrite)
+    method = build_method(settings)
+    try:
+        accelerator = Accelerator(mixed_precision=settings.mixed_precision,
+                                  gradient_accumulation_steps=settings.gradient_accumulation_steps,
+                                  log_with=_trackers(settings.report_to) or None,
+                                  project_config=ProjectConfiguration(project_dir=str(settings.output_path),
+                                                                      logging_dir=str(settings.output_path / "logs")))
+    except ValueError as exc:
+        raise ConfigError(f"Mixed precision {settings.mixed_precision!r} is not available here: {exc}") from None
+    lock = RunLock(settings.output_path).acquire() if accelerator.is_main_process else None
+    try:
+        check_output_dir(settings, bool(resume), overwrite)  # again under the lock: another run may have finished since
+        record = _checkpoint_to_resume(settings, resume)
+        if lock is not None:
+            _prepare_output_dir(settings, overwrite)
+        accelerator.wait_for_everyone()
+        return _train(settings, record, progress, images, method, accelerator, lock)
+    finally:
+        if lock is not None:
+            lock.release(remove_created=True)
+
+
+def _checkpoint_to_resume(settings: TrainingSettings, resume: bool | str | os.PathLike) -> CheckpointRecord | None:
+    if not resume:
+        return None
+    record = read_record(find_checkpoint(settings.output_path / "checkpoints", resume))
+    check_resume_steps(record.step, settings.steps, record.path)
+    return record
+
+
+def _prepare_output_dir(settings: TrainingSettings, overwrite: bool) -> None:
+    """Under the lock: remove what killed writes left, and on --overwrite the earlier run's outputs."""
+    out = settings.output_path
+    clean_interrupted_writes(out)
+    if overwrite:
+        clear_previous_run(out, {settings.concept} | {c for c in [previous_concept(out)] if c})
+
+
+def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress: bool, images, method: AdapterMethod,
+           accelerator, lock: RunLock | None) -> TrainResult:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    settings.validate()
-    images = load_concept_images(settings.images)
-    check_output_dir(settings, resume, overwrite)
-    check_output_writable(settings.output_path)
-    method = build_method(settings)
     lr, _ = settings.learning_rate()
-    try:
-        accelerator = Accelerator(mixed_precision=settings.mixed_precision,
-                                  gradient_accumulation_steps=settings.gradient_accumulation_steps)
-    except ValueError as exc:
-        raise ConfigError(f"Mixed precision {settings.mixed_precision!r} is not available here: {exc}") from None
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = load_pipeline(settings.model)
     out = settings.output_path
@@ -127,7 +181,14 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     unet = pipe.unet
     count = add_adapter(unet, method)
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    check_free_space(out, bytes_needed(sum(p.numel() for p in params.values()), settings))
+    identity = run_identity(settings.to_dict(), lr, content_hash([i.path for i in images], [i.caption for i in images]),
+                            None if class_images is None else
+                            content_hash([i.path for i in class_images], [i.caption for i in class_images]),
+                            fingerprint(unet, method.targets)["digest"])
+    if record is not None:
+        check_resumable(record, identity, settings.to_dict())
+    trainable = sum(p.numel() for p in params.values())
+    check_free_space(out, bytes_needed(trainable, settings) - bytes_reused(out, trainable, settings))
     pipe.vae.requires_grad_(False).eval().to(dtype=weight_dtype)
     pipe.text_encoder.requires_grad_(False).eval().to(dtype=weight_dtype)
     unet.to(dtype=weight_dtype)
@@ -138,11 +199,16 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
         set_weight_recompute(unet, True)
     unet.train()
 
-    prompts = instance_prompts(images, settings.trigger, settings.prompt_templates)
+    if settings.instance_prompt:
+        prompts = [i.caption or settings.instance_prompt for i in images]
+    else:
+        prompts = instance_prompts(images, settings.trigger, settings.prompt_templates)
     masks = [i.mask for i in images]
     if settings.masked_loss and not any(m is not None for m in masks):
         raise DataError(f"--masked-loss needs images with transparency (an alpha channel) in {settings.images}.")
     instance = latent_set(pipe, [i.image for i in images], prompts, settings, device, weight_dtype, 0, masks)
+    if settings.caption_dropout > 0:
+        instance.drop_captions(settings.caption_dropout, encode_prompts(pipe, [""], device)[0])
     prior = None
     if class_images is not None:
         prior = latent_set(pipe, [i.image for i in class_images], [i.caption for i in class_images], settings,
@@ -152,24 +218,31 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
     prediction = noise_scheduler.config.prediction_type
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=settings.adam_weight_decay)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=settings.lr_warmup_steps)
+    lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
+                                 num_training_steps=settings.steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
     start_step, losses = 0, []
     checkpoints = out / "checkpoints"
-    if resume:
-        found = list_checkpoints(checkpoints)
-        if found:
-            state = load_checkpoint(found[-1], params, optimizer, lr_scheduler)
-            start_step, losses = state.step, state.losses
-            logger.info("resuming from %s (step %d)", found[-1], start_step)
+    if record is not None:
+        state = load_checkpoint(record.path, params, optimizer, lr_scheduler)
+        start_step, losses = state.step, state.losses
+        logger.info("resuming from %s (step %d)", record.path, start_step)
 
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         write_settings(settings, out / CONFIG_NAME)
-    writer = _tensorboard_writer(out) if accelerator.is_main_process else None
+        lock.keep_folders()
+    run = {"identity": identity, "settings": settings.to_dict()}
+    accelerator.init_trackers(settings.concept)
+    monitor = None
+    if settings.monitor and accelerator.is_main_process:
+        count_views = min(8, len(instance.mean))  # a few views: the concept fit is a trend, not an estimate
+        monitor = TrainingMonitor.start(settings, pipe, out, [i.image for i in images],
+                                        instance.mean[:count_views] * instance.scaling,
+                                        instance.view_prompts[:count_views], accelerator.unwrap_model(unet),
+                                        start_step, settings.model is None, accelerator)
 
-    started, skipped = time.time(), 0
+    started, skipped, last_step = time.time(), 0, start_step
     bar = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps,
                disable=not (progress and accelerator.is_local_main_process), desc=settings.concept)
     adapter_path = out / f"{settings.concept}.safetensors"
@@ -200,30 +273,63 @@ def train(settings: TrainingSettings, resume: bool = False, overwrite: bool = Fa
                 logger.warning("step %d: non-finite loss or gradient, step skipped", step)
             losses.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.4f}")
-            if writer is not None:
-                writer.add_scalar("loss", step_loss, step)
-                writer.add_scalar("lr", lr_scheduler.get_last_lr()[0], step)
-            done = step + 1
+            accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            done = last_step = step + 1
+            if monitor_due(settings, done):
+                if monitor is not None:
+                    monitor.observe(accelerator.unwrap_model(unet), done, accelerator, params)
+                    if monitor.stopped_early:
+                        accelerator.set_trigger()
+                if settings.max_drift is not None and accelerator.check_trigger():
+                    break
             if done % settings.checkpoint_every == 0 and done < settings.steps:
-                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
+                _save_checkpoint(accelerator, unet, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
             if settings.validation_prompts and done % settings.validation_every == 0 and accelerator.is_main_process:
                 _validate(pipe, accelerator.unwrap_model(unet), settings, out / "samples" / f"step-{done:06d}.png")
             if guard.received is not None:
-                _save_checkpoint(accelerator, checkpoints, done, params, optimizer, lr_scheduler, losses, settings)
-                _save_adapter(accelerator, unet, adapter_path, settings)
+                _save_checkpoint(accelerator, unet, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
+                _save_adapter(accelerator, unet, adapter_path, settings, done)
                 raise TrainingInterrupted(guard.received, done)
     bar.close()
 
     accelerator.wait_for_everyone()
+    seconds = time.time() - started
     unwrapped = accelerator.unwrap_model(unet)
-    _save_adapter(accelerator, unet, adapter_path, settings)
+    kept = _keep(settings, monitor, params, last_step)
+    _save_adapter(accelerator, unet, adapter_path, settings, kept.step)
+    monitor_seconds = 0.0
     if accelerator.is_main_process:
         grid = _validate(pipe, unwrapped, settings, out / "samples" / "final.png")
-        write_model_card(out, settings, model_label(settings.model), method.name, count, grid, losses)
-        if writer is not None:
-            writer.close()
+        summary = None
+        if monitor is not None:
+            monitor_seconds = sum(r["seconds"] for r in monitor.records if r["step"] > start_step)
+            monitor.finish(kept, seconds - monitor_seconds)
+            summary = {"kept_step": kept.step, "steps": last_step, "reason": kept.reason, "curve": CURVE_FILE,
+                       "stopped_early": monitor.stopped_early}
+        write_model_card(out, settings, model_label(settings.model), method.name, count, grid, losses, summary)
     accelerator.end_training()
-    return TrainResult(out, adapter_path, count, losses, time.time() - started, skipped)
+    return TrainResult(out, adapter_path, count, losses, seconds, skipped, kept.step, kept.reason,
+                       monitor.stopped_early if monitor else None, monitor_seconds)
+
+
+def _keep(settings: TrainingSettings, monitor: TrainingMonitor | None, params: dict, last_step: int) -> Choice:
+    """The step whose adapter is written (its parameters restored into `params`), and why."""
+    if monitor is None:
+        return Choice(last_step, "the last step (the drift monitor is off)", False)
+    if settings.keep == "last":
+        return Choice(last_step, "the last step (--keep last)", False)
+    choice = monitor.choice
+    if choice is None:
+        return Choice(last_step, "the last step (no monitored step after step 0)", False)
+    if choice.step != last_step:
+        saved = monitor.kept_params(choice)
+        if saved is None or set(saved) != set(params):
+            logger.warning("the parameters of step %d were not kept; the adapter is the last step's", choice.step)
+            return Choice(last_step, "the last step (the chosen step's parameters were not found)", False)
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name].to(param.dtype))
+    return choice
 
 
 def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, prediction, generator, device, dtype):
@@ -232,7 +338,10 @@ def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, pred
         class_latents, class_embeddings, class_weights = prior.sample(settings.batch_size, generator)
         latents, embeddings = torch.cat([latents, class_latents]), torch.cat([embeddings, class_embeddings])
         weights = torch.cat([weights, class_weights])
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator)
+    if settings.noise_offset:  # a per-channel constant: lets the model change an image's overall brightness
+        noise = noise + settings.noise_offset * torch.randn((*noise.shape[:2], 1, 1), generator=generator)
+    noise = noise.to(device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if prediction == "epsilon":
@@ -253,17 +362,19 @@ def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, pred
     return own.mean() + settings.prior_loss_weight * cls.mean()
 
 
-def _save_checkpoint(accelerator, folder, step, params, optimizer, lr_scheduler, losses, settings) -> None:
+def _save_checkpoint(accelerator, unet, folder, step, params, optimizer, lr_scheduler, losses, settings, run) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(folder, step, params, optimizer, lr_scheduler, losses, settings.checkpoints_total_limit)
+        save_checkpoint(folder, step, params, optimizer, lr_scheduler, losses, settings.checkpoints_total_limit, run,
+                        write_adapter=lambda into: _save_adapter(
+                            accelerator, unet, into / f"{settings.concept}.safetensors", settings, step))
 
 
-def _save_adapter(accelerator, unet, path: Path, settings: TrainingSettings) -> None:
+def _save_adapter(accelerator, unet, path: Path, settings: TrainingSettings, step: int) -> None:
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(unet), path, metadata={
             "token": settings.trigger, "concept": settings.concept, "base_model": model_label(settings.model),
-            "steps": str(settings.steps), "seed": str(settings.seed)})
+            "steps": str(settings.steps), "step": str(step), "seed": str(settings.seed)})
 
 
 def _validation_prompts(settings: TrainingSettings) -> list[str]:
@@ -294,10 +405,19 @@ def _validate(pipe, unet, settings: TrainingSettings, path: Path) -> Path:
     return path
 
 
-def _tensorboard_writer(out: Path) -> Any:
+def _trackers(report_to: str) -> list[str]:
+    """accelerate's trackers for --report-to (TensorBoard silently off where it is not installed)."""
+    if report_to == "none":
+        return []
+    if report_to == "wandb":
+        from accelerate.utils import is_wandb_available
+
+        if not is_wandb_available():
+            raise ConfigError("--report-to wandb needs the wandb package (pip install wandb).")
+        return ["wandb"]
     try:
-        from torch.utils.tensorboard import SummaryWriter  # heavy, and an optional extra
+        import torch.utils.tensorboard  # noqa: F401  (an optional extra)
     except ImportError:
         logger.info("no TensorBoard logs: they need the tensorboard extra (pip install 'filteratom-sd[tensorboard]')")
-        return None
-    return SummaryWriter(log_dir=str(out / "logs"))
+        return []
+    return ["tensorboard"]

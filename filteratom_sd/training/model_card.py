@@ -41,9 +41,26 @@ def _load_lines(model: str | None) -> list[str]:
     return [f'pipe = StableDiffusionPipeline.from_pretrained("{model}")']
 
 
+def _monitor_section(monitor: dict | None) -> str:
+    if monitor is None:
+        return ""
+    stopped = f"Training stopped early: {monitor['stopped_early']}.\n\n" if monitor.get("stopped_early") else ""
+    return f"""## Drift monitor
+
+The adapter is step {monitor['kept_step']} of {monitor['steps']}: {monitor['reason']}.
+
+{stopped}![drift monitor]({monitor['curve'].as_posix()})
+
+Every score per monitored step is in `monitor.json`.
+"""
+
+
 def write_model_card(out: Path, settings: Any, base_model: str, method: str, parameters: int, grid: Path | None,
-                     losses: list[float]) -> Path:
-    """Write out/README.md: trigger token, base model, method, parameter count, settings, sample grid."""
+                     losses: list[float], monitor: dict | None = None) -> Path:
+    """Write out/README.md: trigger token, base model, method, parameter count, kept step, settings, sample grid.
+
+    `monitor` (kept_step, steps, reason, curve, stopped_early) adds the drift monitor's section.
+    """
     front = {"base_model": base_model, "library_name": "diffusers", "instance_prompt": settings.trigger,
              "tags": ["text-to-image", "stable-diffusion", "diffusers", "filteratom-sd", method]}
     last = losses[-20:]
@@ -68,6 +85,7 @@ Trigger token: `{settings.trigger}` — use it in prompts, e.g. "{prompt}".
 {loss_line}
 
 {grid_line}
+{_monitor_section(monitor)}
 ## Use it
 
 From this folder:

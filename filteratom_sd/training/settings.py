@@ -16,6 +16,9 @@ from ..resources import config_file as find_config_file
 from ..resources import config_path, shipped_config
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+KEEP = ("best", "last")
+REPORT_TO = ("tensorboard", "wandb", "none")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
@@ -60,8 +63,22 @@ class TrainingSettings:
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     lr_warmup_steps: int = 0
+    lr_scheduler: str = "constant_with_warmup"
     prompt_templates: list[str] = field(default_factory=list)
+    # A caption for every concept image without its own (DreamBooth's instance prompt); it names the token.
+    instance_prompt: str | None = None
+    caption_dropout: float = 0.0
+    noise_offset: float = 0.0
     on_nan: str = "skip"
+    # The drift monitor, the kept step and its margins (see evaluation.best_step.BestStepRule).
+    monitor: bool = True
+    monitor_every: int = 100
+    keep: str = "best"
+    max_drift: float | None = None
+    alignment_margin: float = 0.10
+    prior_margin: float = 0.05
+    drift_margin: float = 0.10
+    report_to: str = "tensorboard"
 
     @property
     def trigger(self) -> str:
@@ -94,7 +111,7 @@ class TrainingSettings:
         if not self.concept or any(c in self.concept for c in "/\\\n") or self.concept.startswith("."):
             raise ConfigError(f"The concept name {self.concept!r} must be a plain name (no slashes).")
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "resolution", "checkpoint_every",
-                     "checkpoints_total_limit", "validation_every", "validation_steps"):
+                     "checkpoints_total_limit", "validation_every", "validation_steps", "monitor_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
@@ -119,6 +136,26 @@ class TrainingSettings:
         if isinstance(self.unmasked_weight, bool) or not isinstance(self.unmasked_weight, (int, float)) or \
                 not 0.0 <= self.unmasked_weight <= 1.0:
             raise ConfigError(f"--unmasked-weight must be between 0 and 1, got {self.unmasked_weight!r}.")
+        if self.keep not in KEEP:
+            raise ConfigError(f"--keep must be 'best' or 'last', got {self.keep!r}.")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}.")
+        for name in ("max_drift", "alignment_margin", "prior_margin", "drift_margin"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
+        for name in ("lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "prior_loss_weight", "noise_offset"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-').replace('adam-', '')} must be a number of at least 0, "
+                                  f"got {value!r}.")
+        if isinstance(self.caption_dropout, bool) or not isinstance(self.caption_dropout, (int, float)) or \
+                not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"--caption-dropout must be at least 0 and below 1, got {self.caption_dropout!r}.")
+        if self.instance_prompt is not None and self.trigger not in self.instance_prompt:
+            raise ConfigError(f"--instance-prompt must contain the trigger token {self.trigger}.")
         if self.on_nan not in ("skip", "stop"):
             raise ConfigError(f"--on-nan must be 'skip' or 'stop', got {self.on_nan!r}.")
         for template in self.prompt_templates:
@@ -151,6 +188,24 @@ def base_defaults(bundled: bool) -> dict[str, Any]:
     defaults = read_yaml(shipped_config("training", "tiny" if bundled else "sd-v1-4"))
     defaults.setdefault("prompt_templates", read_yaml(config_path("prompt_templates.yaml"))["templates"])
     return defaults
+
+
+def default_text(name: str) -> str:
+    """'(default: X)' for a setting: the bundled model's value, and other models' where it differs."""
+    fallback = {f.name: f.default for f in dataclasses.fields(TrainingSettings)}.get(name)
+    try:
+        tiny = base_defaults(True).get(name, fallback)
+        other = base_defaults(False).get(name, fallback)
+    except ConfigError:
+        return ""
+
+    def show(value: Any) -> str:
+        return {True: "on", False: "off", None: "none"}.get(value, str(value)) if isinstance(value, (bool, type(None))) \
+            else str(value)
+
+    if show(tiny) == show(other):
+        return f"(default: {show(tiny)})."
+    return f"(default: {show(tiny)} on the bundled model, {show(other)} on others)."
 
 
 def resolve_settings(cli: dict[str, Any], config_file: str | None = None) -> TrainingSettings:

@@ -34,12 +34,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .fast_paths import RebuiltWeightOp, TapConvOp
-from .kronecker_path import as_rows, from_rows, kronecker_update
 
 CONV_PATHS = ("auto", "taps", "weight")
-# "auto" sends a Kronecker-form update through the activations up to this many positions per call
-# (tokens x batch): beyond it the extra matmuls cost more than building W_eff and its gradient.
-KRONECKER_MAX_POSITIONS = 256
 # Foreign wrappers (peft's layers) that we fuse keep (weight, bias) of their base here for an exact unfuse.
 FUSE_BACKUP_ATTR = "filteratom_fuse_backup"
 
@@ -78,9 +74,6 @@ class WeightDelta(nn.Module):
     # Updates of k x k convs with dW = rows(W) T (a d x d transform of each filter's taps, or one
     # per input channel) set `supports_taps` and implement `tap_transform()` -> (1 or c_in, d, d).
     supports_taps: bool = False
-    # Block-form updates dW = sum_m A_m (x) B_m with A frozen set `supports_kronecker` and implement
-    # `kronecker_factors()` -> (A as `kronecker_path.coefficient_rows`, B (m, p, q)).
-    supports_kronecker: bool = False
 
 
 class AdaptedLayer(nn.Module):
@@ -97,8 +90,6 @@ class AdaptedLayer(nn.Module):
         # Training path of a k x k conv whose updates all transform filter taps (`WeightDelta.tap_transform`):
         # "taps" feeds the update through the activations (no W_eff, no weight gradient), "weight" builds
         # W_eff, "auto" takes "taps" when the 9x-channel tap tensor is no larger than the weight.
-        # Linear and 1x1 layers with Kronecker-form updates (`WeightDelta.kronecker_factors`) follow the same
-        # switch: "taps" adds x dW^T through the activations (`kronecker_path`), "auto" does so for few positions.
         self.conv_path = "auto"
         self.base_layer = base_layer
         self.deltas = nn.ModuleDict()
@@ -233,24 +224,6 @@ class AdaptedLayer(nn.Module):
         taps = base.kernel_size[0] * base.kernel_size[1]
         return x.numel() * taps <= base.weight.numel() * base.stride[0] * base.stride[1]
 
-    def _use_kronecker(self, x: Tensor, names: list[str]) -> bool:
-        base = self.base_layer
-        if self.conv_path == "weight" or not all(getattr(self.deltas[n], "supports_kronecker", False) for n in names):
-            return False
-        if isinstance(base, nn.Conv2d) and (base.kernel_size != (1, 1) or base.stride != (1, 1) or base.groups != 1
-                                            or base.padding not in ((0, 0), "valid")):
-            return False
-        if self.conv_path == "taps":
-            return True
-        return x.numel() // base.weight.shape[1] <= KRONECKER_MAX_POSITIONS
-
-    def _kronecker_forward(self, x: Tensor, names: list[str]) -> Tensor:
-        conv = isinstance(self.base_layer, nn.Conv2d)
-        out = self.base_layer(x)
-        rows = as_rows(x, conv)
-        delta = sum(self.scales[n] * kronecker_update(rows, *self.deltas[n].kronecker_factors()) for n in names)
-        return out + from_rows(delta.to(out.dtype), out, conv)
-
     def tap_kernels(self, names: list[str]) -> Tensor:
         """Depthwise kernels (c_in * k^2, 1, k, k) of M = I + sum s_n T_n, in the updates' dtype."""
         weight = self.base_layer.weight
@@ -297,8 +270,6 @@ class AdaptedLayer(nn.Module):
             self._cached = None  # training: a cached weight would be stale after the next optimizer step
             if self._can_recompute() and self._use_taps(x, names):
                 return TapConvOp.apply(x, self, tuple(names), *params)
-            if self._use_kronecker(x, names):
-                return self._kronecker_forward(x, names)
             if self.recompute_weights and self._can_recompute():
                 return RebuiltWeightOp.apply(x, self, tuple(names), *params)
             weight, bias = self.effective_weight_and_bias(names)

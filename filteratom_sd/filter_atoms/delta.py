@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.kronecker_path import coefficient_rows
 from ..core.layer import AdaptedLayer, WeightDelta
 from ..errors import ConfigError
 from .functional import atom_update
@@ -73,7 +72,6 @@ class AtomDelta(WeightDelta):
         )
         self._layer: weakref.ref | None = None
         self._pinv: tuple[Any, Tensor] | None = None
-        self._rows: tuple[Any, Tensor] | None = None  # alpha as kronecker_path's coefficient rows
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -115,19 +113,6 @@ class AtomDelta(WeightDelta):
         rows = weight.detach().reshape(-1, self.atoms0[0].numel()).double()
         pinv = torch.linalg.pinv(self.atoms0.reshape(m, -1).double())
         return (rows @ pinv).to(self.atoms0.dtype).reshape(*self.coefficient_shape, m)
-
-    @property
-    def supports_kronecker(self) -> bool:  # type: ignore[override]
-        """Stored alpha of a blocks layout, frozen: dW = sum_m alpha_m (x) dD_m."""
-        return self.layout == "blocks" and self._alpha is not None and self.delta_alpha is None
-
-    def kronecker_factors(self) -> tuple[Tensor, Tensor]:
-        """(alpha as the (a m) x b matrix of `kronecker_path.coefficient_rows`, dD (m, p, q))."""
-        alpha = self._alpha
-        key = (alpha.data_ptr(), alpha._version, alpha.dtype, alpha.device)
-        if self._rows is None or self._rows[0] != key:
-            self._rows = (key, coefficient_rows(alpha))
-        return self._rows[1], self.delta_atoms
 
     @property
     def supports_taps(self) -> bool:  # type: ignore[override]

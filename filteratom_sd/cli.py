@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 import torch
-import yaml
 
 from .core.adapter_file import read_adapter
+from .cli_help import TRAIN_HELP, default_help, parse_options
 from .errors import FilterAtomError, UserInputError
 from .evaluation.compare import DEFAULT_METHODS, CompareRequest, parse_method_specs, run_comparison
 from .evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_IMAGE_ENCODER
@@ -39,17 +39,6 @@ logger = logging.getLogger("filteratom_sd")
 OUT_OF_MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
-
-
-def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """key=value pairs; values are read as YAML scalars (numbers, booleans, lists)."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserInputError(f"--method-option expects key=value, got {pair!r}.")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,60 +63,38 @@ def _quiet_loading_bars() -> None:
     transformers_logging.set_verbosity_error()
 
 
-_TRAIN_EXAMPLES = """Train an adapter on a folder of concept images.
-
-Settings come from the base model's shipped defaults, then --config FILE.yaml, then
-these flags; "default" below names the bundled model's value, and other models' where it differs.
-
-\b
-Examples:
-  fa-sd train --concept castle --images assets/concepts/castle
-  fa-sd train --concept castle --images photos/ --monitor-every 50 --keep best --max-drift 0.5
-  fa-sd train --concept dog --images dog/ --model CompVis/stable-diffusion-v1-4 --mixed-precision fp16 \\
-      --prior-preservation --class-prompt "a photo of a dog" --prior-loss-weight 1.0
-  fa-sd train --concept castle --images photos/ --caption-template "a {} on a white background" \\
-      --lr-scheduler cosine --lr-warmup-steps 50 --report-to tensorboard
-"""
-
-
-def _default(name: str) -> str:
-    from .training.settings import default_text
-
-    return default_text(name)
-
-
-@cli.command(help=_TRAIN_EXAMPLES)
+@cli.command(help=TRAIN_HELP)
 @click.option("--concept", required=True, help="Name of the concept; the trigger token defaults to <NAME>.")
 @click.option("--images", required=True, help="Folder of 4-9 images of the concept (captions from metadata.jsonl or .txt files).")
 @click.option("--token", help="Trigger token (default: <concept>).")
 @click.option("--model", help="Diffusers folder, hub id, or one .safetensors/.ckpt file (default: the bundled tiny model).")
-@click.option("--method", help=f"{', '.join(available_methods())} " + _default("method"))
-@click.option("--preset", help="Filter-atom preset C1, C2, C3 or C4 " + _default("preset"))
+@click.option("--method", help=f"{', '.join(available_methods())} " + default_help("method"))
+@click.option("--preset", help="Filter-atom preset C1, C2, C3 or C4 " + default_help("preset"))
 @click.option("--method-option", "method_option", multiple=True, help="Method setting key=value (repeatable).")
 @click.option("--config", "config_file",
               help="YAML file of training settings (any setting below, by its YAML name), or a shipped one by name: "
                    f"{', '.join(shipped_names('training'))}.")
-@click.option("--steps", type=int, help="Training steps " + _default("steps"))
+@click.option("--steps", type=int, help="Training steps " + default_help("steps"))
 @click.option("--lr", type=float, help="Learning rate (default: the base model's rate for the method, e.g. 3e-3 for "
                                        "filter atoms on the bundled model, else the method's own, 1e-3).")
 @click.option("--lr-scheduler", type=click.Choice(["constant", "constant_with_warmup", "linear", "cosine",
                                                    "cosine_with_restarts", "polynomial"]),
-              help="Learning-rate schedule (diffusers' get_scheduler) " + _default("lr_scheduler"))
-@click.option("--lr-warmup-steps", type=int, help="Steps of linear warm-up " + _default("lr_warmup_steps"))
-@click.option("--weight-decay", "adam_weight_decay", type=float, help="AdamW weight decay " + _default("adam_weight_decay"))
-@click.option("--max-grad-norm", type=float, help="Gradient clipping norm " + _default("max_grad_norm"))
-@click.option("--batch-size", type=int, help="Images per step " + _default("batch_size"))
-@click.option("--gradient-accumulation-steps", type=int, help="Batches per optimizer step " + _default("gradient_accumulation_steps"))
-@click.option("--resolution", type=int, help="Training resolution in pixels " + _default("resolution"))
-@click.option("--center-crop/--random-crop", default=None, help="Square crop of each image " + _default("center_crop"))
-@click.option("--flip/--no-flip", default=None, help="Add horizontally flipped copies " + _default("flip"))
-@click.option("--seed", type=int, help="Seed of every random choice " + _default("seed"))
+              help="Learning-rate schedule (diffusers' get_scheduler) " + default_help("lr_scheduler"))
+@click.option("--lr-warmup-steps", type=int, help="Steps of linear warm-up " + default_help("lr_warmup_steps"))
+@click.option("--weight-decay", "adam_weight_decay", type=float, help="AdamW weight decay " + default_help("adam_weight_decay"))
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm " + default_help("max_grad_norm"))
+@click.option("--batch-size", type=int, help="Images per step " + default_help("batch_size"))
+@click.option("--gradient-accumulation-steps", type=int, help="Batches per optimizer step " + default_help("gradient_accumulation_steps"))
+@click.option("--resolution", type=int, help="Training resolution in pixels " + default_help("resolution"))
+@click.option("--center-crop/--random-crop", default=None, help="Square crop of each image " + default_help("center_crop"))
+@click.option("--flip/--no-flip", default=None, help="Add horizontally flipped copies " + default_help("flip"))
+@click.option("--seed", type=int, help="Seed of every random choice " + default_help("seed"))
 @click.option("--output-dir", help="Output folder (default: outputs/<concept>).")
 @click.option("--overwrite", is_flag=True,
               help="Start again: remove an earlier run's checkpoints, samples, logs, card and adapter first.")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CHECKPOINT]",
               help="Continue from the newest checkpoint in the output folder, or from the checkpoint folder given.")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision " + _default("mixed_precision"))
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision " + default_help("mixed_precision"))
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory (off by default).")
 @click.option("--instance-prompt", help="Caption of every concept image without its own; must contain the token "
                                         "(default: the caption templates).")
@@ -135,15 +102,15 @@ def _default(name: str) -> str:
               help="Caption template with {} for the token, e.g. 'a {} on a white background': naming the images' "
                    "context keeps it a matter of the prompt (repeatable; default: configs/prompt_templates.yaml).")
 @click.option("--caption-dropout", type=float, help="Probability of training a concept image with the empty prompt "
-                                                    + _default("caption_dropout"))
-@click.option("--noise-offset", type=float, help="Offset noise (per-channel constant added to the noise) " + _default("noise_offset"))
+                                                    + default_help("caption_dropout"))
+@click.option("--noise-offset", type=float, help="Offset noise (per-channel constant added to the noise) " + default_help("noise_offset"))
 @click.option("--prior-preservation/--no-prior-preservation", default=None,
-              help="Also train on the base model's images of the class " + _default("prior_preservation"))
+              help="Also train on the base model's images of the class " + default_help("prior_preservation"))
 @click.option("--class-prompt", "class_prompt", multiple=True,
               help="Prompt for prior-preservation images (repeatable: the images cycle through them).")
 @click.option("--class-images", help="Folder of class images (default: OUT/class_images, missing ones generated).")
-@click.option("--num-class-images", type=int, help="Class images to use " + _default("num_class_images"))
-@click.option("--prior-loss-weight", type=float, help="Weight of the class images' loss " + _default("prior_loss_weight"))
+@click.option("--num-class-images", type=int, help="Class images to use " + default_help("num_class_images"))
+@click.option("--prior-loss-weight", type=float, help="Weight of the class images' loss " + default_help("prior_loss_weight"))
 @click.option("--min-snr-gamma", type=float, help="Min-SNR loss weighting gamma (default: off).")
 @click.option("--masked-loss/--no-masked-loss", default=None,
               help="Weight the loss by each image's alpha channel (transparent pixels are background; default: off).")
@@ -151,27 +118,27 @@ def _default(name: str) -> str:
 @click.option("--monitor/--no-monitor", default=None,
               help="Score a fixed probe set at step 0 and every --monitor-every steps: concept fidelity, alignment in "
                    "new contexts, prior drift (default: on; OUT/monitor.json, TensorBoard, the model card).")
-@click.option("--monitor-every", type=int, help="Steps between monitor runs " + _default("monitor_every"))
+@click.option("--monitor-every", type=int, help="Steps between monitor runs " + default_help("monitor_every"))
 @click.option("--keep", type=click.Choice(["best", "last"]),
               help="Which step OUT/<concept>.safetensors holds: 'best' is the highest fidelity among monitored steps "
-                   "whose alignment, prior accuracy and prior drift stay within margins of step 0 " + _default("keep"))
+                   "whose alignment, prior accuracy and prior drift stay within margins of step 0 " + default_help("keep"))
 @click.option("--max-drift", type=float, help="Stop early once the prior drift (relative noise-prediction MSE on "
                                               "prompts without the token) passes this (default: never).")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (each one also an adapter) "
-                                                   + _default("checkpoint_every"))
-@click.option("--checkpoints-total-limit", type=int, help="Checkpoints kept " + _default("checkpoints_total_limit"))
+                                                   + default_help("checkpoint_every"))
+@click.option("--checkpoints-total-limit", type=int, help="Checkpoints kept " + default_help("checkpoints_total_limit"))
 @click.option("--validation-prompt", "validation_prompts", multiple=True,
               help="Prompt sampled into OUT/samples every --validation-every steps (repeatable; default: none).")
-@click.option("--validation-every", type=int, help="Steps between validation grids " + _default("validation_every"))
+@click.option("--validation-every", type=int, help="Steps between validation grids " + default_help("validation_every"))
 @click.option("--report-to", type=click.Choice(["tensorboard", "wandb", "none"]),
-              help="Where losses and monitor scores are logged, through accelerate's trackers " + _default("report_to"))
-@click.option("--on-nan", type=click.Choice(["skip", "stop"]), help="What to do with a non-finite loss " + _default("on_nan"))
+              help="Where losses and monitor scores are logged, through accelerate's trackers " + default_help("report_to"))
+@click.option("--on-nan", type=click.Choice(["skip", "stop"]), help="What to do with a non-finite loss " + default_help("on_nan"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(**kwargs: Any) -> None:
     """Train an adapter on a folder of concept images."""
     resume, overwrite, quiet = kwargs.pop("resume") or False, kwargs.pop("overwrite"), kwargs.pop("quiet")
     config_file = kwargs.pop("config_file")
-    kwargs["method_options"] = _parse_options(kwargs.pop("method_option"))
+    kwargs["method_options"] = parse_options(kwargs.pop("method_option"))
     kwargs["validation_prompts"] = list(kwargs["validation_prompts"]) or None
     kwargs["prompt_templates"] = list(kwargs["prompt_templates"]) or None
     class_prompt = list(kwargs["class_prompt"])

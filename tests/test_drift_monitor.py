@@ -64,7 +64,7 @@ def test_monitor_scores_are_deterministic_and_zero_drift_at_the_start():
 
 
 def _monitored(out, lr):
-    return train(quick_settings(out, steps=8, lr=lr, monitor_every=4, checkpoint_every=100), progress=False)
+    return train(quick_settings(out, steps=8, lr=lr, monitor=True, monitor_every=4, checkpoint_every=100), progress=False)
 
 
 def test_a_drifting_run_is_ranked_above_a_gentle_one(tmp_path):
@@ -80,7 +80,7 @@ def test_a_drifting_run_is_ranked_above_a_gentle_one(tmp_path):
 def test_the_kept_step_is_the_adapter_and_the_card_says_why(tmp_path):
     out = tmp_path / "run"
     # generous margins: every step is within them, so the most faithful monitored step is kept
-    result = train(quick_settings(out, steps=6, lr=5e-2, monitor_every=2, checkpoint_every=2, checkpoints_total_limit=5,
+    result = train(quick_settings(out, steps=6, lr=5e-2, monitor=True, monitor_every=2, checkpoint_every=2, checkpoints_total_limit=5,
                                   alignment_margin=1.0, prior_margin=1.0, drift_margin=100.0), progress=False)
     monitor = json.loads((out / "monitor.json").read_text())
     records = [r for r in monitor["records"] if r["step"] > 0]
@@ -99,7 +99,7 @@ def test_the_kept_step_is_the_adapter_and_the_card_says_why(tmp_path):
 
 
 def test_keep_last_and_no_monitor(tmp_path):
-    last = train(quick_settings(tmp_path / "last", lr=5e-2, monitor_every=2, keep="last"), progress=False)
+    last = train(quick_settings(tmp_path / "last", lr=5e-2, monitor=True, monitor_every=2, keep="last"), progress=False)
     assert last.kept_step == 4 and read_adapter(tmp_path / "last").metadata["step"] == "4"
     off = train(quick_settings(tmp_path / "off", monitor=False), progress=False)
     assert off.kept_step == 4 and "monitor is off" in off.kept_reason

@@ -61,8 +61,9 @@ def test_an_installed_wheel_trains_and_samples_outside_the_repository(wheel, tmp
     where = run([sys.executable, "-c", "import filteratom_sd; print(filteratom_sd.__file__)"], work, env)
     assert Path(where.stdout.strip()).is_relative_to(site)
     fa_sd = [sys.executable, "-c", "from filteratom_sd.cli import main; main()"]
+    (work / "fast.yaml").write_text("validation_steps: 2\nmonitor: false\n")
     run(fa_sd + ["train", "--concept", "castle", "--images", "castle-photos", "--steps", "2", "--batch-size", "1",
-                 "--validation-steps", "2", "--quiet"], work, env)
+                 "--config", "fast.yaml", "--quiet"], work, env)
     adapter = work / "outputs" / "castle" / "castle.safetensors"
     assert adapter.is_file()
     sampled = run(fa_sd + ["sample", "--adapter", str(adapter), "--prompt", "a <castle>", "--steps", "2",

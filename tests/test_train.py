@@ -192,7 +192,8 @@ def test_masked_loss_counts_only_the_masked_latent_pixels(tmp_path):
     latents = torch.randn(1, 4, 4, 4)
     weights = torch.zeros(1, 1, 4, 4)
     weights[..., :2] = 1.0  # only the left half of the image is the concept
-    instance = LatentSet(latents, torch.zeros_like(latents), weights, torch.zeros(1, 3, 8), [0], scaling=1.0)
+    instance = LatentSet(latents, torch.zeros_like(latents), weights, torch.zeros(1, 3, 8), [0], scaling=1.0,
+                         view_prompts=["a <castle>"])
     prediction = torch.randn(1, 4, 4, 4)
 
     def fake_unet(noisy, timesteps, embeddings):

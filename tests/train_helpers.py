@@ -11,9 +11,9 @@ CASTLE = ROOT / "assets" / "concepts" / "castle"
 
 
 def quick_settings(out: Path, **overrides) -> TrainingSettings:
-    """A few steps on the castle images with validation off: seconds on a CPU."""
+    """A few steps on the castle images with validation and the drift monitor off: seconds on a CPU."""
     values = dict(concept="castle", images=str(CASTLE), output_dir=str(out), steps=4, batch_size=2,
-                  checkpoint_every=2, validation_every=10_000, validation_steps=2)
+                  checkpoint_every=2, validation_every=10_000, validation_steps=2, monitor=False)
     values.update(overrides)
     return resolve_settings(values)
 

@@ -24,7 +24,6 @@ from ..core.layer import set_weight_recompute
 from ..core.method import AdapterMethod
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation.best_step import Choice
-from ..images import save_grid
 from ..methods.registry import method_class
 from ..models import load_pipeline, model_label
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -38,6 +37,7 @@ from .prior import prepare_class_images
 from .resume import CheckpointRecord, check_resumable, find_checkpoint, read_record
 from .run_folder import RunLock, check_not_foreign, clean_interrupted_writes, clear_previous_run
 from .run_identity import check_resume_steps, content_hash, run_identity
+from .reporting import trackers, validate
 from .settings import TrainingSettings, write_settings
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def train(settings: TrainingSettings, resume: bool | str | os.PathLike = False, 
     try:
         accelerator = Accelerator(mixed_precision=settings.mixed_precision,
                                   gradient_accumulation_steps=settings.gradient_accumulation_steps,
-                                  log_with=_trackers(settings.report_to) or None,
+                                  log_with=trackers(settings.report_to) or None,
                                   project_config=ProjectConfiguration(project_dir=str(settings.output_path),
                                                                       logging_dir=str(settings.output_path / "logs")))
     except ValueError as exc:
@@ -233,7 +233,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
         write_settings(settings, out / CONFIG_NAME)
         lock.keep_folders()
     run = {"identity": identity, "settings": settings.to_dict()}
-    accelerator.init_trackers(settings.concept)
+    accelerator.inittrackers(settings.concept)
     monitor = None
     if settings.monitor and accelerator.is_main_process:
         count_views = min(8, len(instance.mean))  # a few views: the concept fit is a trend, not an estimate
@@ -285,7 +285,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
             if done % settings.checkpoint_every == 0 and done < settings.steps:
                 _save_checkpoint(accelerator, unet, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
             if settings.validation_prompts and done % settings.validation_every == 0 and accelerator.is_main_process:
-                _validate(pipe, accelerator.unwrap_model(unet), settings, out / "samples" / f"step-{done:06d}.png")
+                validate(pipe, accelerator.unwrap_model(unet), settings, out / "samples" / f"step-{done:06d}.png")
             if guard.received is not None:
                 _save_checkpoint(accelerator, unet, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
                 _save_adapter(accelerator, unet, adapter_path, settings, done)
@@ -299,7 +299,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     _save_adapter(accelerator, unet, adapter_path, settings, kept.step)
     monitor_seconds = 0.0
     if accelerator.is_main_process:
-        grid = _validate(pipe, unwrapped, settings, out / "samples" / "final.png")
+        grid = validate(pipe, unwrapped, settings, out / "samples" / "final.png")
         summary = None
         if monitor is not None:
             monitor_seconds = sum(r["seconds"] for r in monitor.records if r["step"] > start_step)
@@ -375,49 +375,3 @@ def _save_adapter(accelerator, unet, path: Path, settings: TrainingSettings, ste
         save_adapter(accelerator.unwrap_model(unet), path, metadata={
             "token": settings.trigger, "concept": settings.concept, "base_model": model_label(settings.model),
             "steps": str(settings.steps), "step": str(step), "seed": str(settings.seed)})
-
-
-def _validation_prompts(settings: TrainingSettings) -> list[str]:
-    if settings.validation_prompts:
-        return settings.validation_prompts
-    return [settings.prompt_templates[0].format(settings.trigger)]
-
-
-@torch.no_grad()
-def _validate(pipe, unet, settings: TrainingSettings, path: Path) -> Path:
-    """Sample each validation prompt twice with fixed seeds and save one grid."""
-    was_training = unet.training
-    unet.eval()
-    original_unet = pipe.unet
-    pipe.unet = unet
-    try:
-        prompts = _validation_prompts(settings)
-        images = []
-        for prompt in prompts:
-            generator = torch.Generator().manual_seed(settings.seed)
-            images += pipe([prompt] * 2, num_inference_steps=settings.validation_steps,
-                           guidance_scale=settings.guidance_scale, generator=generator,
-                           height=settings.resolution, width=settings.resolution).images
-    finally:
-        pipe.unet = original_unet
-        unet.train(was_training)
-    save_grid(images, path, columns=2)
-    return path
-
-
-def _trackers(report_to: str) -> list[str]:
-    """accelerate's trackers for --report-to (TensorBoard silently off where it is not installed)."""
-    if report_to == "none":
-        return []
-    if report_to == "wandb":
-        from accelerate.utils import is_wandb_available
-
-        if not is_wandb_available():
-            raise ConfigError("--report-to wandb needs the wandb package (pip install wandb).")
-        return ["wandb"]
-    try:
-        import torch.utils.tensorboard  # noqa: F401  (an optional extra)
-    except ImportError:
-        logger.info("no TensorBoard logs: they need the tensorboard extra (pip install 'filteratom-sd[tensorboard]')")
-        return []
-    return ["tensorboard"]

@@ -71,12 +71,15 @@ def check_class_images_folder(images: str, class_images: str | None) -> None:
                              f"generated class images would mix with the photos, so choose another folder.")
 
 
+# each checkpoint: fp32 weights and AdamW's two moments for resuming, and the step's adapter file
+CHECKPOINT_BYTES_PER_PARAMETER = 16
+
+
 def bytes_needed(trainable: int, settings: TrainingSettings) -> int:
     """Disk a run needs: the fp32 adapter, and checkpoints (weights + AdamW's two moments) kept at once."""
     # +1: a new checkpoint (or the one an interrupt saves) is written before the oldest is removed
     kept = min(settings.checkpoints_total_limit, settings.steps // settings.checkpoint_every) + 1
-    # each checkpoint: weights and the two moments for resuming, and the adapter file
-    return 4 * trainable + kept * 16 * trainable + 2**20  # 1 MiB for the card, settings, logs and samples
+    return 4 * trainable + kept * CHECKPOINT_BYTES_PER_PARAMETER * trainable + 2**20  # 1 MiB for the card, settings, logs and samples
 
 
 def bytes_reused(out: Path, trainable: int, settings: TrainingSettings) -> int:
@@ -84,7 +87,7 @@ def bytes_reused(out: Path, trainable: int, settings: TrainingSettings) -> int:
     kept = min(settings.checkpoints_total_limit, settings.steps // settings.checkpoint_every)
     folder = out / "checkpoints"
     held = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-    return min(held, kept * 12 * trainable)
+    return min(held, kept * CHECKPOINT_BYTES_PER_PARAMETER * trainable)
 
 
 def check_free_space(out: Path, needed: int) -> None:

@@ -233,7 +233,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
         write_settings(settings, out / CONFIG_NAME)
         lock.keep_folders()
     run = {"identity": identity, "settings": settings.to_dict()}
-    accelerator.inittrackers(settings.concept)
+    accelerator.init_trackers(settings.concept)
     monitor = None
     if settings.monitor and accelerator.is_main_process:
         count_views = min(8, len(instance.mean))  # a few views: the concept fit is a trend, not an estimate

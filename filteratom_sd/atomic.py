@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 from .errors import TrainingError
@@ -61,3 +62,13 @@ def disk_full_error(folder: Path) -> TrainingError:
     """The one-sentence error for a full disk."""
     return TrainingError(f"The disk holding {folder} is full; free some space and run again "
                          f"(a training run continues with --resume).")
+
+
+def atomic_save_figure(figure: Any, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG atomically, close it, and return the path."""
+    import matplotlib.pyplot as plt  # matplotlib is loaded only by the commands that plot
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return Path(path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 import filteratom_sd.evaluation.frontier as frontier_module
 from filteratom_sd.errors import UserInputError
@@ -48,8 +50,12 @@ def test_every_run_is_scored_at_the_base_and_each_checkpoint(finished):
     spec = parse_method_specs(SPEC)[0]
     for seed in (0, 1):
         folder = run_dir(out, spec, 5e-3, seed)
-        assert (folder / "checkpoints" / "step-000001" / "adapter.safetensors").is_file()
+        assert (folder / "checkpoints" / "step-000001" / "castle.safetensors").is_file()
         assert set(json.loads((folder / "scores.json").read_text())["steps"]) == {"1", "2"}
+        # scored at the steps asked for: the final adapter is the last step, not the drift monitor's pick
+        assert not (folder / "monitor.json").exists()
+        final, first = load_file(folder / "castle.safetensors"), load_file(folder / "checkpoints" / "step-000001" / "castle.safetensors")
+        assert final.keys() == first.keys() and not all(torch.equal(final[k], first[k]) for k in final)
     assert costs[SPEC].trainable_parameters > 0 and costs[SPEC].adapter_bytes > 0
     saved = json.loads((out / "frontier.json").read_text())["points"]
     assert len(saved) == len(points)

@@ -9,8 +9,6 @@ interrupted comparison continues where it stopped and a finished one re-renders 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from ..training.data import load_concept_images
 from ..training.loop import train
 from ..training.settings import TrainingSettings, resolve_settings
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_IMAGE_ENCODER
+from .records import content_key, read_record
 from .prompt_sets import PromptSet, load_prompt_set
 from .report import BASE_LABEL, GRID_COLUMNS, GRID_SEEDS, RunRecord, write_json, write_report
 from .runs import build_metric_set, default_metric_set, sample_with_adapter, score_samples
@@ -164,16 +163,9 @@ class CompareRequest:
     command: str | None = None  # recorded in the report
 
 
-def _key(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+# Comparison runs are scored at the steps asked for: the final adapter is the last step (not the drift
+# monitor's pick), and the monitor, which would only add sampling time, stays off.
+SCORED_AT_FIXED_STEPS: dict[str, Any] = {"monitor": False, "keep": "last"}
 
 
 def _training_key(settings: TrainingSettings, lr: float) -> str:
@@ -182,7 +174,7 @@ def _training_key(settings: TrainingSettings, lr: float) -> str:
     values.pop("output_dir")
     values.pop("lr_by_method")
     values["lr"] = lr
-    return _key(values)
+    return content_key(values)
 
 
 def _save_grid(samples: list, prompt_set: PromptSet, path: Path) -> None:
@@ -205,7 +197,7 @@ class _Evaluator:
         self.metrics = build_metric_set(self.metrics_name, token, request.image_encoder, request.clip_model, self.device)
         self.request, self.token, self.prompt_set, self.references = request, token, prompt_set, references
         self._pipe = None
-        self.key = _key({"prompt_set": prompt_set.to_dict(), "metrics": self.metrics_name, "token": token,
+        self.key = content_key({"prompt_set": prompt_set.to_dict(), "metrics": self.metrics_name, "token": token,
                          "model": request.model, "references": len(references),
                          "encoders": [request.image_encoder, request.clip_model] if self.metrics_name == "embedding" else None})
 
@@ -223,7 +215,8 @@ class _Evaluator:
 def _settings(request: CompareRequest, spec: MethodSpec, run_dir: Path) -> TrainingSettings:
     values: dict[str, Any] = {**request.training, "concept": request.concept, "images": request.images,
                               "model": request.model, "token": request.token, "steps": request.steps,
-                              "seed": request.seed, "output_dir": str(run_dir), **spec.training_values()}
+                              "seed": request.seed, "output_dir": str(run_dir), **spec.training_values(),
+                              **SCORED_AT_FIXED_STEPS}
     return resolve_settings(values, request.config_file)
 
 
@@ -235,13 +228,13 @@ def _run_method(request: CompareRequest, spec: MethodSpec, evaluator: _Evaluator
     adapter = run_dir / f"{settings.concept}.safetensors"
     metrics_file, train_file, grid = run_dir / "metrics.json", run_dir / "train.json", run_dir / "grid.png"
 
-    finished = _read_json(metrics_file)
+    finished = read_record(metrics_file)
     if adapter.is_file() and grid.is_file() and finished and finished.get("train_key") == train_key \
             and finished.get("eval_key") == evaluator.key:
         logger.info("%s: reusing the finished run in %s", spec.text, run_dir)
         return RunRecord.from_dict({**finished, "reused": True})
 
-    trained = _read_json(train_file)
+    trained = read_record(train_file)
     if not (adapter.is_file() and trained and trained.get("train_key") == train_key):
         logger.info("%s: training %d steps at lr %g", spec.text, settings.steps, lr)
         result = train(settings, overwrite=True, progress=request.progress)
@@ -262,7 +255,7 @@ def _run_method(request: CompareRequest, spec: MethodSpec, evaluator: _Evaluator
 def _run_base(request: CompareRequest, evaluator: _Evaluator) -> RunRecord:
     run_dir = request.out / "runs" / BASE_LABEL
     metrics_file, grid = run_dir / "metrics.json", run_dir / "grid.png"
-    finished = _read_json(metrics_file)
+    finished = read_record(metrics_file)
     if grid.is_file() and finished and finished.get("eval_key") == evaluator.key:
         return RunRecord.from_dict({**finished, "reused": True})
     scores = evaluator.evaluate(None, grid)

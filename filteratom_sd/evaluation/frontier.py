@@ -15,7 +15,6 @@ continues from its last checkpoint) and a finished one re-renders without traini
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-from .compare import MethodSpec
+from .compare import SCORED_AT_FIXED_STEPS, MethodSpec
+from .records import content_key, read_record
 from ..errors import UserInputError
 from ..training.settings import TrainingSettings, resolve_settings
 
@@ -111,18 +111,6 @@ def learning_rates(spec: MethodSpec) -> tuple[float, ...]:
     return (spec.lr,) if spec.lr is not None else LR_GRIDS[spec.method]
 
 
-def _key(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
@@ -140,7 +128,7 @@ def run_settings(request: FrontierRequest, spec: MethodSpec, lr: float, seed: in
                               "token": request.token, "steps": request.steps, "seed": seed,
                               "output_dir": str(run_dir(request.out, spec, lr, seed)), **spec.training_values(),
                               "lr": lr, "checkpoint_every": request.score_every, "checkpoints_total_limit": count,
-                              "validation_prompts": []}
+                              "validation_prompts": [], **SCORED_AT_FIXED_STEPS}
     return resolve_settings(values, request.config_file)
 
 
@@ -149,7 +137,7 @@ def training_key(settings: TrainingSettings) -> str:
     values = settings.to_dict()
     values.pop("output_dir")
     values.pop("lr_by_method")
-    return _key(values)
+    return content_key(values)
 
 
 def train_run(settings: TrainingSettings, progress: bool) -> RunCosts:
@@ -159,10 +147,10 @@ def train_run(settings: TrainingSettings, progress: bool) -> RunCosts:
     folder = settings.output_path
     key = training_key(settings)
     adapter = folder / f"{settings.concept}.safetensors"
-    done = _read_json(folder / "train.json")
+    done = read_record(folder / "train.json")
     if done and done.get("train_key") == key and adapter.is_file():
         return RunCosts(done["trainable_parameters"], adapter.stat().st_size, done["train_seconds"])
-    started = _read_json(folder / "started.json")
+    started = read_record(folder / "started.json")
     resume = bool(started and started.get("train_key") == key and (folder / "checkpoints").is_dir())
     if not resume and folder.exists():
         shutil.rmtree(folder)  # another run's settings: its checkpoints must not be resumed
@@ -178,31 +166,11 @@ def checkpoint_steps(settings: TrainingSettings, score_every: int) -> list[int]:
     return list(range(score_every, settings.steps + 1, score_every))
 
 
-def export_checkpoint_adapters(settings: TrainingSettings, steps: list[int]) -> dict[int, Path]:
-    """An adapter file per scored step: the final adapter, and each checkpoint's trained tensors written
-    as an adapter of the same method into the checkpoint folder."""
-    from safetensors.torch import load_file
-
-    from ..core.adapter_file import save_adapter
-    from ..core.inject import add_adapter
-    from ..models import load_pipeline
-    from ..training.loop import build_method
-
+def checkpoint_adapters(settings: TrainingSettings, steps: list[int]) -> dict[int, Path]:
+    """The adapter file of each scored step: the final adapter, else the one its checkpoint holds."""
     folder = settings.output_path
-    paths = {settings.steps: folder / f"{settings.concept}.safetensors"}
-    wanted = {s: folder / "checkpoints" / f"step-{s:06d}" for s in steps if s != settings.steps}
-    missing = {s: c / "adapter.safetensors" for s, c in wanted.items() if not (c / "adapter.safetensors").is_file()}
-    if missing:
-        unet = load_pipeline(settings.model).unet
-        add_adapter(unet, build_method(settings))
-        params = dict(unet.named_parameters())
-        for step, path in missing.items():
-            for name, tensor in load_file(str(path.parent / "params.safetensors")).items():
-                params[name].data.copy_(tensor)
-            save_adapter(unet, path, metadata={"token": settings.trigger, "concept": settings.concept,
-                                               "step": str(step), "seed": str(settings.seed)})
-    paths.update({s: c / "adapter.safetensors" for s, c in wanted.items()})
-    return paths
+    name = f"{settings.concept}.safetensors"
+    return {s: folder / name if s == settings.steps else folder / "checkpoints" / f"step-{s:06d}" / name for s in steps}
 
 
 class _Scorer:
@@ -218,7 +186,7 @@ class _Scorer:
         self.metrics = build_metric_set(self.metrics_name, token)
         self.references = [i.image for i in load_concept_images(request.images)]
         self.request, self.token, self._pipe = request, token, None
-        self.key = _key({"prompt_set": self.prompt_set.to_dict(), "metrics": self.metrics_name, "token": token,
+        self.key = content_key({"prompt_set": self.prompt_set.to_dict(), "metrics": self.metrics_name, "token": token,
                          "model": request.model, "references": len(self.references)})
 
     def score(self, adapter: Path | None) -> dict[str, float]:
@@ -234,7 +202,7 @@ class _Scorer:
 
 def _scored(path: Path, scorer: _Scorer, jobs: dict[int, Path | None]) -> dict[int, dict[str, float]]:
     """Scores of each step in `jobs` (step -> adapter), reusing scores.json entries with this evaluation."""
-    saved = _read_json(path) or {}
+    saved = read_record(path) or {}
     known = saved.get("steps", {}) if saved.get("eval_key") == scorer.key else {}
     for step, adapter in jobs.items():
         if str(step) not in known:
@@ -256,7 +224,7 @@ def run_frontier(request: FrontierRequest) -> tuple[list[ScoredPoint], dict[str,
         logger.info("%s lr %g seed %d: %d steps", spec.text, lr, seed, run.steps)
         costs.setdefault(spec.text, []).append(train_run(run, request.progress))
         steps = checkpoint_steps(run, request.score_every)
-        scores = _scored(run.output_path / "scores.json", scorer, export_checkpoint_adapters(run, steps))
+        scores = _scored(run.output_path / "scores.json", scorer, checkpoint_adapters(run, steps))
         points.append(ScoredPoint(spec.text, lr, seed, 0, **base))
         points += [ScoredPoint(spec.text, lr, seed, step, **scores[step]) for step in steps]
         _write_json(request.out / "frontier.json", {"points": [p.to_dict() for p in points]})

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_save_figure, atomic_write_text
 from .frontier import RunCosts, ScoredPoint
 from .pareto import Point, common_fidelity, pareto_front, value_at_fidelity
 
@@ -136,12 +136,7 @@ def write_plot(groups: dict[str, list[ScoredPoint]], path: Path, title: str, lev
     axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path)
 
 
 def write_tables(points: Sequence[ScoredPoint], costs: dict[str, RunCosts], out: Path, title: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..atomic import atomic_path
+from ..atomic import atomic_save_figure
 
 _SERIES = (("fidelity", "fidelity", "tab:blue"), ("alignment", "alignment (new contexts)", "tab:green"),
            ("prior_accuracy", "prior accuracy", "tab:olive"), ("prior_drift", "prior drift (rel. MSE)", "tab:red"),
@@ -36,7 +36,4 @@ def plot_monitor_curves(records: list[Mapping[str, Any]], path: Path, kept_step:
     if title:
         axis.set_title(title, fontsize=9)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return path
+    return atomic_save_figure(figure, path)

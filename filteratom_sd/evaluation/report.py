@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_save_figure, atomic_write_text
 from ..training.settings import TrainingSettings
 from .prompt_sets import PromptSet
 
@@ -126,12 +126,7 @@ def write_plot(records: list[RunRecord], path: Path, title: str) -> Path:
     ax.margins(0.12)
     fig.text(0.99, 0.01, "marker area ∝ √(trainable parameters); × = base model", ha="right", fontsize=7, color="grey")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path)
 
 
 def _metric_notes(metrics: str) -> list[str]:

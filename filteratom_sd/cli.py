@@ -19,6 +19,7 @@ import torch
 
 from .core.adapter_file import read_adapter
 from .cli_help import TRAIN_HELP, default_help, parse_options
+from .core.targets import pattern_warnings
 from .errors import FilterAtomError, UserInputError
 from .evaluation.compare import DEFAULT_METHODS, CompareRequest, parse_method_specs, run_comparison
 from .evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_IMAGE_ENCODER
@@ -32,6 +33,7 @@ from .resources import shipped_names
 from .sampling import SampleRequest, run_sampling
 from .training.loop import TrainingInterrupted, train as run_training
 from .training.settings import resolve_settings
+from .user_files import MAX_PROMPTS_FILE_BYTES, read_text
 
 logger = logging.getLogger("filteratom_sd")
 
@@ -178,10 +180,8 @@ def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, gu
     """Generate images, optionally with adapters loaded."""
     all_prompts = list(prompts)
     if prompts_file:
-        try:
-            all_prompts += [line.strip() for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError:
-            raise UserInputError(f"Cannot read the prompts file {prompts_file}.") from None
+        text = read_text(prompts_file, MAX_PROMPTS_FILE_BYTES, "prompts file")
+        all_prompts += [line.strip() for line in text.splitlines() if line.strip()]
     request = SampleRequest(all_prompts, list(adapters), list(scales), model, num_images, steps, guidance_scale, seed,
                             height, width, Path(out), grid, fuse)
     for path in run_sampling(request):
@@ -205,6 +205,8 @@ def inspect(adapter: str, as_json: bool) -> None:
         "config": found.config,
         "targets": found.targets,
         "library_version": found.metadata.get("library_version", ""),
+        # loading never runs these patterns (it selects the listed targets by name), but the file is odd
+        "warnings": [f"{w}; loading uses the listed targets instead" for w in pattern_warnings(found.config)],
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -214,6 +216,9 @@ def inspect(adapter: str, as_json: bool) -> None:
             click.echo(f"targets: {len(value)} layers")
             for name in value:
                 click.echo(f"  {name}")
+        elif key == "warnings":
+            for warning in value:
+                click.echo(f"warning: {warning}")
         else:
             click.echo(f"{key}: {value}")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from .errors import UserInputError
 from .training.settings import default_text
+from .user_files import parse_yaml
 
 TRAIN_HELP = """Train an adapter on a folder of concept images.
 
@@ -37,5 +36,5 @@ def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserInputError(f"--method-option expects key=value, got {pair!r}.")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = parse_yaml(value, f"--method-option {pair!r}")
     return options

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checks import MAX_ADAPTER_SCALE, MAX_GUIDANCE, MAX_SEED
 from .core.api import fuse_adapter, load_adapter
 from .errors import UserInputError
 from .generation import truncate_prompt
@@ -54,6 +56,15 @@ class SampleRequest:
         for adapter in self.adapters:
             if not Path(adapter).exists():
                 raise UserInputError(f"No adapter file or folder at {adapter}.")
+        if not all(math.isfinite(s) and abs(s) <= MAX_ADAPTER_SCALE for s in self.scales):
+            raise UserInputError(f"--adapter-scale must be a finite number from -{MAX_ADAPTER_SCALE:g} to "
+                                 f"{MAX_ADAPTER_SCALE:g}, got {self.scales}.")
+        if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise UserInputError(f"--guidance-scale must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance_scale}.")
+        if not 0 <= self.seed <= MAX_SEED - self.num_images:
+            raise UserInputError(f"--seed must be an integer from 0 to 2**63 - 1 - --num-images, got {self.seed}.")
+        if self.out.exists() and not self.out.is_dir():
+            raise UserInputError(f"--out {self.out} exists and is not a folder.")
 
 
 def _slug(prompt: str) -> str:

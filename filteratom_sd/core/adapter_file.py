@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_path
 from ..errors import AdapterFormatError, ConfigError
-from .fingerprint import fingerprint
+from .fingerprint import SIGNATURE_LENGTH, fingerprint
 from .inject import attached_adapters
 
 FORMAT_NAME = "filteratom-sd"
@@ -24,6 +25,9 @@ FORMAT_VERSION = 1
 # Metadata keys the library writes; callers may add others (strings, or JSON-encoded values).
 _RESERVED = {"format", "format_version", "method", "adapter_name", "config", "targets", "base_fingerprint",
              "num_parameters", "library_version"}
+# Bounds on the JSON metadata entries: a crafted header cannot ask for deep recursion or huge strings.
+MAX_JSON_CHARS = 4 * 2**20
+MAX_JSON_DEPTH = 16
 
 
 def library_version() -> str:
@@ -103,14 +107,50 @@ def _sort_metadata_in_place(path: Path) -> None:
             handle.write(text.ljust(length, b" "))
 
 
+def _depth(value: Any) -> int:
+    # iterative: a value nested as deep as the parser allows must not overflow the stack here either
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _json_field(meta: dict[str, str], key: str, kind: type, name: Path) -> Any:
+    text = meta.get(key)
+    if not isinstance(text, str):
+        raise AdapterFormatError(f"{name} has no '{key}' entry in its metadata.")
+    if len(text) > MAX_JSON_CHARS:
+        raise AdapterFormatError(f"{name} has a '{key}' entry larger than {MAX_JSON_CHARS // 2**20} MiB in its metadata.")
     try:
-        value = json.loads(meta[key])
-    except (KeyError, json.JSONDecodeError):
-        raise AdapterFormatError(f"{name} has a missing or malformed '{key}' entry in its metadata.") from None
-    if not isinstance(value, kind):
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise AdapterFormatError(f"{name} has a malformed or too deeply nested '{key}' entry in its metadata.") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise AdapterFormatError(f"{name} has a '{key}' entry nested deeper than {MAX_JSON_DEPTH} levels in its metadata.")
+    if not isinstance(value, kind) or isinstance(value, bool):
         raise AdapterFormatError(f"{name} has a '{key}' entry of the wrong type in its metadata.")
     return value
+
+
+def _is_signature(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == SIGNATURE_LENGTH and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def _check_fingerprint(base: dict[str, Any], targets: list[str], name: Path) -> None:
+    """The fingerprint is required: one well-formed signature for exactly each target layer."""
+    layers = base.get("layers")
+    if not isinstance(base.get("digest"), str) or not isinstance(layers, dict):
+        raise AdapterFormatError(f"{name} has a malformed base fingerprint (it needs a digest and per-layer signatures).")
+    if set(layers) != set(targets):
+        raise AdapterFormatError(f"{name} has a base fingerprint that does not cover exactly its {len(targets)} target layers.")
+    bad = next((t for t, signature in layers.items() if not _is_signature(signature)), None)
+    if bad is not None:
+        raise AdapterFormatError(f"{name} has a malformed base fingerprint for layer {bad!r} "
+                                 f"(expected {SIGNATURE_LENGTH} finite numbers).")
 
 
 def _raw_metadata(file: Path) -> dict[str, str]:
@@ -165,8 +205,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     if not all(isinstance(t, str) for t in targets):
         raise AdapterFormatError(f"{file} lists targets that are not module names.")
     base = _json_field(meta, "base_fingerprint", dict, file)
-    if not isinstance(base.get("layers"), dict):
-        raise AdapterFormatError(f"{file} has a malformed base fingerprint.")
+    _check_fingerprint(base, targets, file)
     count = _json_field(meta, "num_parameters", int, file)
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -176,4 +215,6 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     for key, tensor in tensors.items():
         if not torch.is_floating_point(tensor):
             raise AdapterFormatError(f"{file} holds a non-floating-point tensor {key!r}.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterFormatError(f"{file} holds values that are not finite (NaN or infinity) in tensor {key!r}.")
     return AdapterFile(file, tensors, method, config, targets, base, count, meta)

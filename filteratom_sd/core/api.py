@@ -10,11 +10,13 @@ from typing import Any
 
 from torch import nn
 
+from ..checks import check_scale
 from ..errors import AdapterFormatError, BaseModelMismatchError, ConfigError
 from ..methods.registry import method_class
 from .adapter_file import AdapterFile, read_adapter
 from .fingerprint import fingerprint, mismatched_layers
-from .inject import attached_adapters, record_adapter, remove_adapter
+from .inject import attached_adapters, check_adapter_name, record_adapter, remove_adapter
+from .targets import pinned_to_targets
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,9 @@ def _is_fused(unet: nn.Module) -> bool:
 
 
 def _default_name(adapter: AdapterFile, unet: nn.Module) -> str:
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", adapter.path.stem) or "adapter"
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", adapter.path.stem).lstrip("_-")[:56] or "adapter"
+    if hasattr(nn.ModuleDict(), name):  # a file named training.safetensors
+        name = f"adapter_{name}"
     taken = attached_adapters(unet)
     candidate, index = name, 1
     while candidate in taken:
@@ -59,17 +63,20 @@ def load_adapter(
     Several adapters can be loaded under different names; their updates add.
     """
     unet = _unet(pipe)
+    scale = check_scale(scale)
     adapter = read_adapter(Path(path))
-    name = adapter_name or _default_name(adapter, unet)
+    name = _default_name(adapter, unet) if adapter_name is None else adapter_name
+    check_adapter_name(name)
     if name in attached_adapters(unet):
         raise ConfigError(f"An adapter named '{name}' is already loaded; pass another adapter_name.")
     if _is_fused(unet):
         raise ConfigError("Unfuse the loaded adapters before loading another one.")
+    _check_targets(adapter, unet)
     try:
-        method = method_class(adapter.method).from_config_dict(adapter.config)
+        # the file's own patterns never run: the layers it lists are selected by their exact names
+        method = method_class(adapter.method).from_config_dict(pinned_to_targets(adapter.config, adapter.targets))
     except ConfigError as exc:
         raise AdapterFormatError(f"{adapter.path.name} has an invalid configuration: {exc}") from None
-    _check_targets(adapter, unet)
     if check_base:
         bad = mismatched_layers(adapter.base_fingerprint, fingerprint(unet, adapter.targets))
         if bad:
@@ -88,8 +95,8 @@ def load_adapter(
             wrong = sorted(set(expected.items()) ^ set(got.items()))[0][0]
             raise AdapterFormatError(f"{adapter.path.name} has missing, extra or misshapen tensors (first: {wrong!r}).")
         method.load_adapter_state_dict(unet, name, adapter.tensors)
-    except Exception:
-        method.remove(unet, name)  # leave the model exactly as it was
+    except BaseException:  # KeyboardInterrupt included: leave the model exactly as it was
+        method.remove(unet, name)
         raise
     record_adapter(unet, name, method)
     for param in method.trainable_parameters(unet, name):
@@ -111,6 +118,7 @@ def _selected(unet: nn.Module, adapter_name: str | None) -> list[str]:
 def set_adapter_scale(pipe: Any, scale: float, adapter_name: str | None = None) -> None:
     """Set the scale of one adapter (or of all when `adapter_name` is None)."""
     unet = _unet(pipe)
+    scale = check_scale(scale)
     if _is_fused(unet):
         raise ConfigError("Unfuse the adapters before changing their scale.")
     for name in _selected(unet, adapter_name):
@@ -132,14 +140,19 @@ def unfuse_adapter(pipe: Any) -> None:
 
 
 def unload_adapter(pipe: Any, adapter_name: str | None = None) -> None:
-    """Remove one adapter (or all); with none left the UNet is bit for bit its base again."""
+    """Remove one adapter (or all); with none left the UNet is bit for bit its base again.
+
+    Adapters that were fused and stay loaded are fused again.
+    """
     unet = _unet(pipe)
     names = _selected(unet, adapter_name)
-    if _is_fused(unet):
+    fused = _is_fused(unet)
+    if fused:
         unfuse_adapter(unet)
     for name in names:
         remove_adapter(unet, name)
-
+    if fused and attached_adapters(unet):
+        fuse_adapter(unet)
 
 
 def merge_and_unload(pipe: Any) -> None:

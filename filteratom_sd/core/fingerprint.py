@@ -21,6 +21,8 @@ from .layer import unmerged_weight
 TOLERANCE = 2e-2
 _MULTIPLIERS = (2654435761, 2246822519)
 _ROW_MULTIPLIERS = (2246822507, 3266489917)
+# A signature: the norm, then one projection per multiplier.
+SIGNATURE_LENGTH = 1 + len(_MULTIPLIERS)
 # Weights are read as rows of this many values: one matrix-vector pass over memory per layer.
 _ROW = 1024
 

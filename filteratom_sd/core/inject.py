@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 from torch import nn
@@ -13,6 +14,17 @@ from .method import AdapterMethod
 logger = logging.getLogger(__name__)
 
 ADAPTERS_ATTR = "_filteratom_adapters"
+# Adapter names key the layers' ModuleDicts (and peft's): no dots, no attribute names of a module.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_adapter_name(name: object) -> None:
+    """ConfigError unless `name` can key a layer's updates: 1-64 letters, digits, '_' or '-', not reserved."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ConfigError(f"The adapter name {name!r} must be 1 to 64 letters, digits, '_' or '-', "
+                          "starting with a letter or digit.")
+    if hasattr(nn.ModuleDict(), name):
+        raise ConfigError(f"The adapter name {name!r} is reserved (an attribute of torch modules); choose another.")
 
 
 def attached_adapters(model: nn.Module) -> dict[str, AdapterMethod]:
@@ -32,6 +44,7 @@ def record_adapter(model: nn.Module, adapter_name: str, method: AdapterMethod | 
 
 def add_adapter(unet: nn.Module, method: AdapterMethod, adapter_name: str = "default") -> int:
     """Inject `method` under `adapter_name`, freeze everything else, return the trainable count."""
+    check_adapter_name(adapter_name)
     if adapter_name in attached_adapters(unet):
         raise ConfigError(f"An adapter named '{adapter_name}' is already attached.")
     method.inject(unet, adapter_name)

@@ -136,10 +136,12 @@ class LayerDeltaMethod(AdapterMethod):
             layer.unmerge()
 
     def remove(self, unet: nn.Module, adapter_name: str) -> None:
-        # Every layer holding this adapter, not only `targets`: also cleans up a failed injection.
-        holders = [(n, m) for n, m in unet.named_modules() if isinstance(m, AdaptedLayer) and adapter_name in m.deltas]
+        # Every layer holding this adapter, not only `targets`, and wrappers left empty: also cleans up a failed injection.
+        holders = [(n, m) for n, m in unet.named_modules()
+                   if isinstance(m, AdaptedLayer) and (adapter_name in m.deltas or len(m.deltas) == 0)]
         for target, layer in holders:
-            layer.remove_delta(adapter_name)
+            if adapter_name in layer.deltas:
+                layer.remove_delta(adapter_name)
             if len(layer.deltas) == 0:
                 layer.unmerge()
                 set_submodule(unet, target, layer.base_layer)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Iterator
+from typing import Any, Callable
 
 from torch import nn
 
 from .layer import base_layer_of
 
+try:
+    from re import _parser as _regex_parser  # Python 3.11+
+except ImportError:  # Python 3.10
+    import sre_parse as _regex_parser
+
 # Linear layers adapted by default: attention projections, feed-forward, proj_in/proj_out.
 DEFAULT_LINEAR_PATTERN = re.compile(r"(attn\d*\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$")
+_REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+# Longer patterns are reported without being parsed.
+MAX_PATTERN_CHARS = 1000
 
 
 def classify_layer(name: str, module: nn.Module) -> tuple[str | None, str]:
@@ -78,3 +87,61 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def pinned_to_targets(config: dict[str, Any], targets: list[str]) -> dict[str, Any]:
+    """`config` with its target / exclude patterns replaced by patterns of the exact names in `targets`.
+
+    Patterns read from an adapter file are untrusted (a backtracking one spins for hours), so a
+    loaded adapter selects exactly the layers its file lists, through escaped names only.
+    """
+    names = "|".join(re.escape(t) for t in sorted(targets))
+    pinned = dict(config)
+    if "target_modules" in pinned:
+        pinned["target_modules"] = [rf"^(?:{names})\Z"]
+        pinned["exclude_modules"] = []
+    elif "exclude_modules" in pinned:
+        pinned["exclude_modules"] = [rf"^(?!(?:{names})\Z)"]
+    return pinned
+
+
+def _subpatterns(value: Any) -> Iterator[Any]:
+    if isinstance(value, _regex_parser.SubPattern):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _subpatterns(item)
+
+
+def _repeats_without_bound(pattern: Any) -> bool:
+    return any((str(op) in _REPEATS and value[1] == _regex_parser.MAXREPEAT)
+               or any(_repeats_without_bound(sub) for sub in _subpatterns(value)) for op, value in pattern)
+
+
+def _nested_repetition(pattern: Any) -> bool:
+    return any((str(op) in _REPEATS and value[1] > 1 and _repeats_without_bound(value[2]))
+               or any(_nested_repetition(sub) for sub in _subpatterns(value)) for op, value in pattern)
+
+
+def pattern_warnings(config: dict[str, Any]) -> list[str]:
+    """Why the target / exclude patterns of an adapter's config could be slow to match (for `fa-sd inspect`).
+
+    Loading never runs them (`pinned_to_targets`); the warnings tell the user the file is odd.
+    """
+    warnings = []
+    for key in ("target_modules", "exclude_modules"):
+        patterns = config.get(key)
+        for pattern in patterns if isinstance(patterns, list) else []:
+            if not isinstance(pattern, str):
+                continue
+            if len(pattern) > MAX_PATTERN_CHARS:
+                warnings.append(f"{key} holds a pattern of {len(pattern)} characters")
+                continue
+            try:
+                parsed = _regex_parser.parse(pattern)
+            except (re.error, RecursionError, OverflowError):
+                warnings.append(f"{key} holds an invalid pattern {pattern!r}")
+                continue
+            if _nested_repetition(parsed):
+                warnings.append(f"{key} pattern {pattern!r} has nested repetition (exponential backtracking)")
+    return warnings

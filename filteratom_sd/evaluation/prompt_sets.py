@@ -6,12 +6,15 @@ file with the same keys works too.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import MAX_GUIDANCE, MAX_SEED
 from ..errors import UserInputError
+from ..generation import SEED_STRIDE
 from ..resources import config_file, shipped_config
 from ..training.settings import read_yaml
 
@@ -32,14 +35,18 @@ class PromptSet:
         where = f" in {self.source}" if self.source else ""
         if not self.prompts or not all(isinstance(p, str) and "{}" in p for p in self.prompts):
             raise UserInputError(f"The prompt set{where} needs a list of prompts, each with '{{}}' for the token.")
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
-            raise UserInputError(f"The prompt set{where} needs a list of non-negative integer seeds.")
+        # image i of seed s is drawn with seed s * SEED_STRIDE + i: that must stay a valid seed
+        top = (MAX_SEED - len(self.prompts)) // SEED_STRIDE
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= top for s in self.seeds):
+            raise UserInputError(f"The prompt set{where} needs a list of integer seeds from 0 to {top}.")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserInputError(f"{name} must be a positive integer{where}, got {value!r}.")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
-            raise UserInputError(f"guidance_scale must be a number{where}, got {self.guidance_scale!r}.")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
+                or not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise UserInputError(f"guidance_scale must be a number from 0 to {MAX_GUIDANCE:g}{where}, "
+                                 f"got {self.guidance_scale!r}.")
 
     def for_token(self, token: str) -> list[str]:
         """The prompts with the trigger token filled in."""

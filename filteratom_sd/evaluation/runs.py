@@ -116,6 +116,8 @@ class EvalRequest:
                 raise UserInputError(f"No adapter file or folder at {adapter}.")
         if self.include_base and not self.token and not self.adapters:
             raise UserInputError("Scoring only the base model needs --token (the concept's trigger token).")
+        if self.out.is_dir():
+            raise UserInputError(f"--out {self.out} is a folder; give the JSON file to write, such as {self.out / 'eval.json'}.")
 
 
 def run_eval(request: EvalRequest) -> dict[str, Any]:

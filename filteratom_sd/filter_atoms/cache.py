@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -21,7 +22,7 @@ from ..atomic import atomic_path
 from ..core.fingerprint import fingerprint
 from ..core.layer import base_layer_of, unmerged_weight
 from .config import FilterAtomConfig
-from .decomposition import LayerDecomposition, decompose_layers, derives_alpha, needs_alpha
+from .decomposition import LayerDecomposition, atoms_are_usable, decompose_layers, derives_alpha, needs_alpha
 from .targets import check_block_size, select_targets
 
 logger = logging.getLogger(__name__)
@@ -48,16 +49,9 @@ def _layout(weight_shape: tuple[int, ...]) -> str:
     return "conv" if len(weight_shape) == 4 and tuple(weight_shape[2:]) != (1, 1) else "blocks"
 
 
-def cached_decompositions(unet: nn.Module, config: FilterAtomConfig, targets: list[str],
-                          cache_dir: Path | None = None) -> dict[str, LayerDecomposition] | None:
-    """{target: LayerDecomposition} from the cache, or None when there is no entry.
-
-    Only the tensors the config needs are read: the atoms, and alpha where it is stored and
-    not derived from the weight (`derives_alpha`); the rest stays on disk.
-    """
-    path = (cache_dir or default_cache_dir()) / f"{cache_key(unet, config, targets)}.safetensors"
-    if not path.is_file():
-        return None
+def _read_entry(path: Path, unet: nn.Module, config: FilterAtomConfig,
+                targets: list[str]) -> dict[str, LayerDecomposition] | None:
+    """The entry's decompositions of `targets`, or None when an atom set is unusable."""
     out = {}
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
@@ -66,7 +60,32 @@ def cached_decompositions(unet: nn.Module, config: FilterAtomConfig, targets: li
             layout = _layout(shape)
             wanted = needs_alpha(layout, shape, config)
             alpha = handle.get_tensor(f"{t}.alpha") if wanted and f"{t}.alpha" in keys else None
-            out[t] = LayerDecomposition(alpha, handle.get_tensor(f"{t}.atoms0"), float("nan"), 0.0, layout, shape)
+            atoms0 = handle.get_tensor(f"{t}.atoms0")
+            if not atoms_are_usable(atoms0) or (alpha is not None and not bool(torch.isfinite(alpha).all())):
+                return None
+            out[t] = LayerDecomposition(alpha, atoms0, float("nan"), 0.0, layout, shape)
+    return out
+
+
+def cached_decompositions(unet: nn.Module, config: FilterAtomConfig, targets: list[str],
+                          cache_dir: Path | None = None) -> dict[str, LayerDecomposition] | None:
+    """{target: LayerDecomposition} from the cache, or None when there is no entry (or an unreadable one, deleted).
+
+    Only the tensors the config needs are read: the atoms, and alpha where it is stored and
+    not derived from the weight (`derives_alpha`); the rest stays on disk.
+    """
+    path = (cache_dir or default_cache_dir()) / f"{cache_key(unet, config, targets)}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        out = _read_entry(path, unet, config, targets)
+    except Exception:  # safetensors raises several types for truncated or overwritten files
+        out = None
+    if out is None:
+        logger.warning("the decomposition cache entry %s is unreadable (truncated or corrupt): deleting it and "
+                       "decomposing again", path)
+        path.unlink(missing_ok=True)
+        return None
     logger.info("using cached decomposition %s", path)
     return out
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checks import check_patterns
+from ..checks import check_patterns, check_scale
 from ..errors import ConfigError
 from .functional import SOLVERS
 from .overcomplete import OVERCOMPLETE_INITS
@@ -73,10 +73,9 @@ class FilterAtomConfig:
         check_patterns("exclude_modules", self.exclude_modules)
         if not isinstance(self.train_alpha, bool):
             raise ConfigError(f"train_alpha must be true or false, got {self.train_alpha!r}.")
-        for name in ("lam", "scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
+            raise ConfigError(f"lam must be a finite number, got {self.lam!r}.")
+        check_scale(self.scale, "scale")
         if self.kc_out is not None and (
             isinstance(self.kc_out, bool) or not isinstance(self.kc_out, int) or not 0 < self.kc_out <= _INT_LIMITS["kc"]
         ):

@@ -19,6 +19,8 @@ from .functional import atoms_from_gram, block_edges, fit_atoms, gram_matrix, li
 
 # Fixed atoms are stored (and alpha rebuilt from them) in this dtype, so training and loading agree.
 ATOMS_DTYPE = torch.float32
+# Smallest singular value, relative to the largest, of usable fixed atoms (the svd solver's are orthonormal: 1).
+MIN_ATOM_CONDITION = 1e-6
 
 
 @dataclass
@@ -36,6 +38,20 @@ class LayerDecomposition:
     seconds: float
     layout: str
     shape: tuple[int, ...]
+
+
+def atoms_are_usable(atoms: Tensor) -> bool:
+    """True for finite fixed atoms (m x p x q) whose first min(m, p*q) directions are independent.
+
+    Beyond p*q the extra atoms of an overcomplete set add nothing (`atoms_from_gram` pads them with zeros);
+    zero, repeated or nearly parallel atoms below that would make least-squares alpha blow up.
+    """
+    flat = atoms.detach().double().reshape(atoms.shape[0], -1)
+    if flat.numel() == 0 or not bool(torch.isfinite(flat).all()):
+        return False
+    values = torch.linalg.svdvals(flat)
+    rank = min(flat.shape)
+    return bool(values[0] > 0) and bool(values[rank - 1] >= MIN_ATOM_CONDITION * values[0])
 
 
 def atom_shape(weight_shape: tuple[int, ...], layout: str, config: FilterAtomConfig) -> tuple[int, int]:

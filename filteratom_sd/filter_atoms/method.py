@@ -16,8 +16,8 @@ from ..core.method import LayerDeltaMethod
 from ..errors import AdapterFormatError
 from .cache import cached_decompositions
 from .config import FilterAtomConfig
-from .decomposition import ATOMS_DTYPE, LayerDecomposition, atom_shape, decompose_layer, decompose_layers, \
-    needs_alpha
+from .decomposition import ATOMS_DTYPE, LayerDecomposition, atom_shape, atoms_are_usable, decompose_layer, \
+    decompose_layers, needs_alpha
 from .delta import AtomDelta
 from .targets import check_block_size, select_targets
 
@@ -102,6 +102,10 @@ class FilterAtomMethod(LayerDeltaMethod):
             missing = [t for t in targets if f"{t}.atoms0" not in tensors]
             if missing:
                 raise AdapterFormatError(f"The adapter has no fixed atoms for layer {missing[0]!r}.")
+            degenerate = [t for t in targets if not atoms_are_usable(tensors[f"{t}.atoms0"])]
+            if degenerate:
+                raise AdapterFormatError(f"The adapter's fixed atoms for layer {degenerate[0]!r} are degenerate "
+                                         "(zero, repeated or linearly dependent).")
         if decompositions is None:
             decompositions = cached_decompositions(unet, self.config, list(targets))
         config, found_all, fresh = self.config, {}, {}

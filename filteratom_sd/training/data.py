@@ -20,11 +20,14 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import DataError
+from ..user_files import MAX_CAPTION_BYTES, MAX_CAPTIONS_FILE_BYTES, read_text
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 NORMAL_COUNT = (3, 20)
+# Training resizes the short side to the resolution before cropping: a longer ratio makes a huge intermediate image.
+MAX_ASPECT_RATIO = 16
 
 
 @dataclass
@@ -77,14 +80,20 @@ def _captions(folder: Path) -> dict[str, str]:
     captions: dict[str, str] = {}
     metadata = folder / "metadata.jsonl"
     if metadata.is_file():
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+        text = read_text(metadata, MAX_CAPTIONS_FILE_BYTES, "captions file", DataError)
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
-                captions[str(entry["file_name"])] = str(entry["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{metadata} line {number} is not a JSON object with file_name and text.") from None
+            except (json.JSONDecodeError, RecursionError):
+                entry = None
+            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) \
+                    or not isinstance(entry.get("text"), str):
+                raise DataError(f"{metadata} line {number} is not a JSON object with file_name and text strings.")
+            if len(entry["text"].encode()) > MAX_CAPTION_BYTES:
+                raise DataError(f"{metadata} line {number} has a caption larger than {MAX_CAPTION_BYTES // 1024} KiB.")
+            captions[entry["file_name"]] = entry["text"]
     return captions
 
 
@@ -125,13 +134,24 @@ def load_concept_images(folder: str | os.PathLike) -> list[ConceptImage]:
         caption = captions.get(path.name)
         text_file = path.with_suffix(".txt")
         if caption is None and text_file.is_file():
-            caption = text_file.read_text(encoding="utf-8").strip() or None
+            caption = read_text(text_file, MAX_CAPTION_BYTES, "caption file", DataError).strip() or None
         images.append(ConceptImage(path, image, caption, mask))
     if not images:
         raise DataError(f"None of the {len(files)} image files in {folder} could be read.")
     if not NORMAL_COUNT[0] <= len(images) <= NORMAL_COUNT[1]:
         logger.warning("%d images: concept training usually uses %d-%d", len(images), *NORMAL_COUNT)
     return images
+
+
+def check_image_shapes(images: list[ConceptImage], resolution: int) -> None:
+    """DataError naming the first image too elongated to resize to `resolution` on its short side."""
+    for item in images:
+        width, height = item.image.size
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            scale = resolution / min(width, height)
+            raise DataError(f"{item.path.name} is {width}x{height}: at --resolution {resolution} it would be resized "
+                            f"to {round(width * scale)}x{round(height * scale)} before cropping; crop it around the "
+                            f"concept to at most {MAX_ASPECT_RATIO}:1.")
 
 
 def instance_prompts(images: list[ConceptImage], token: str, templates: list[str]) -> list[str]:

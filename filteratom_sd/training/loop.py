@@ -27,7 +27,7 @@ from ..evaluation.best_step import Choice
 from ..methods.registry import method_class
 from ..models import load_pipeline, model_label
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import instance_prompts, load_concept_images
+from .data import check_image_shapes, instance_prompts, load_concept_images
 from .latents import encode_prompts, latent_set
 from .model_card import write_model_card
 from .preflight import (CONFIG_NAME, bytes_needed, bytes_reused, check_class_images_folder, check_free_space,
@@ -122,6 +122,7 @@ def train(settings: TrainingSettings, resume: bool | str | os.PathLike = False, 
 
     settings.validate()
     images = load_concept_images(settings.images)
+    check_image_shapes(images, settings.resolution)
     check_class_images_folder(settings.images, settings.class_images)
     check_output_writable(settings.output_path)
     check_not_foreign(settings.output_path, overwrite)

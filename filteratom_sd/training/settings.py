@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,15 +12,21 @@ from typing import Any
 import yaml
 
 from ..atomic import atomic_write_text
+from ..checks import MAX_GUIDANCE, MAX_SEED, check_field_types
 from ..errors import ConfigError
 from ..methods.registry import method_class
 from ..resources import config_file as find_config_file
 from ..resources import config_path, shipped_config
+from ..user_files import read_yaml_file
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 KEEP = ("best", "last")
 REPORT_TO = ("tensorboard", "wandb", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# The concept names the adapter file and its temporary twin ".<name>.<random>.tmp": well inside 255 bytes.
+MAX_CONCEPT_BYTES = 100
+# Bounds of the optimiser's numbers: beyond them a run diverges or trains uphill (issue: max_grad_norm -1).
+MAX_LR = 1.0
 
 
 @dataclass
@@ -108,8 +116,8 @@ class TrainingSettings:
 
     def validate(self) -> None:
         """Raise ConfigError with one sentence for the first invalid setting."""
-        if not self.concept or any(c in self.concept for c in "/\\\n") or self.concept.startswith("."):
-            raise ConfigError(f"The concept name {self.concept!r} must be a plain name (no slashes).")
+        check_field_types(self)
+        self._validate_names()
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "resolution", "checkpoint_every",
                      "checkpoints_total_limit", "validation_every", "validation_steps", "monitor_every"):
             value = getattr(self, name)
@@ -117,11 +125,11 @@ class TrainingSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
         if self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8, got {self.resolution}.")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}.")
-        if not isinstance(self.lr_by_method, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.lr_by_method.values()):
-            raise ConfigError("lr_by_method must map method names to positive learning rates.")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}.")
+        if not all(0 < v <= MAX_LR for v in self.lr_by_method.values()):
+            raise ConfigError(f"lr_by_method must map method names to learning rates in (0, {MAX_LR:g}].")
+        self._validate_numbers()
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}.")
         if self.num_class_images < 0:
@@ -131,8 +139,8 @@ class TrainingSettings:
             raise ConfigError("--class-prompt must be a non-empty prompt (or a list of them).")
         if self.prior_preservation and not self.class_prompts:
             raise ConfigError("--prior-preservation needs --class-prompt (for example 'a photo of a castle').")
-        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-            raise ConfigError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}.")
+        if self.min_snr_gamma is not None and not 0 < self.min_snr_gamma < math.inf:
+            raise ConfigError(f"--min-snr-gamma must be a positive finite number, got {self.min_snr_gamma}.")
         if isinstance(self.unmasked_weight, bool) or not isinstance(self.unmasked_weight, (int, float)) or \
                 not 0.0 <= self.unmasked_weight <= 1.0:
             raise ConfigError(f"--unmasked-weight must be between 0 and 1, got {self.unmasked_weight!r}.")
@@ -146,11 +154,6 @@ class TrainingSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}.")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
-        for name in ("lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "prior_loss_weight", "noise_offset"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"--{name.replace('_', '-').replace('adam-', '')} must be a number of at least 0, "
-                                  f"got {value!r}.")
         if isinstance(self.caption_dropout, bool) or not isinstance(self.caption_dropout, (int, float)) or \
                 not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"--caption-dropout must be at least 0 and below 1, got {self.caption_dropout!r}.")
@@ -158,28 +161,71 @@ class TrainingSettings:
             raise ConfigError(f"--instance-prompt must contain the trigger token {self.trigger}.")
         if self.on_nan not in ("skip", "stop"):
             raise ConfigError(f"--on-nan must be 'skip' or 'stop', got {self.on_nan!r}.")
+        if not self.prompt_templates:
+            raise ConfigError("prompt_templates must hold at least one template with '{}' for the token.")
         for template in self.prompt_templates:
-            if "{}" not in template:
-                raise ConfigError(f"Prompt template {template!r} has no '{{}}' for the token.")
+            check_template(template)
+
+    def _validate_names(self) -> None:
+        concept = self.concept
+        if not concept or any(c in concept for c in "/\\") or concept.startswith(".") or \
+                any(ord(c) < 32 or ord(c) == 127 for c in concept):
+            raise ConfigError(f"The concept name {concept!r} must be a plain name (no slashes or control characters).")
+        if len(concept.encode()) > MAX_CONCEPT_BYTES:
+            raise ConfigError(f"The concept name must be at most {MAX_CONCEPT_BYTES} characters (it names the "
+                              f"adapter file), got {len(concept)}.")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("--token must not be empty; leave it out for the default <concept>.")
+        for name in ("images", "output_dir", "class_images"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"{name} must not be an empty path.")
+        if not all(p.strip() for p in self.validation_prompts):
+            raise ConfigError("validation_prompts must not hold empty prompts.")
+
+    def _validate_numbers(self) -> None:
+        # types are checked already (check_field_types): only ranges here, NaN and infinity failing each
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed}.")
+        bounds = {"adam_weight_decay": (0, 1, "between 0 and 1"),
+                  "max_grad_norm": (math.ulp(0), math.inf, "a positive finite number"),
+                  "guidance_scale": (0, MAX_GUIDANCE, f"between 0 and {MAX_GUIDANCE:g}"),
+                  "prior_loss_weight": (0, math.inf, "a finite number of at least 0"),
+                  "noise_offset": (0, math.inf, "a finite number of at least 0"),
+                  "lr_warmup_steps": (0, math.inf, "an integer of at least 0")}
+        for name, (low, high, words) in bounds.items():
+            value = getattr(self, name)
+            if not (low <= value <= high and math.isfinite(value)):
+                flag = "weight-decay" if name == "adam_weight_decay" else name.replace("_", "-")
+                raise ConfigError(f"{name} (--{flag}) must be {words}, got {value}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for YAML."""
         return dataclasses.asdict(self)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping read with the safe loader; a clear error for anything else."""
-    file = Path(path)
+def check_template(template: str) -> None:
+    """ConfigError unless `template` has exactly one "{}" (the token) and no other placeholder."""
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except OSError:
-        raise ConfigError(f"Cannot read the config file {file}.") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"The config file {file} is not valid YAML.") from None
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:
+        fields = None
+    if fields != [("", "", None)]:
+        raise ConfigError(f"The prompt template {template!r} in prompt_templates must hold exactly one '{{}}' for "
+                          "the token and no other braces.")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of named settings, read with bounds (see `user_files`); a clear error for anything else."""
+    file = Path(path)
+    data = read_yaml_file(file)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"The config file {file} must hold a mapping of settings.")
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:
+        raise ConfigError(f"The config file {file} has setting names that are not strings ({odd[0]!r}).")
     return data
 
 
@@ -226,7 +272,6 @@ def resolve_settings(cli: dict[str, Any], config_file: str | None = None) -> Tra
         settings = TrainingSettings(**merged)
     except TypeError:
         raise ConfigError("The training settings are incomplete: --concept and --images are required.") from None
-    settings.validation_prompts = list(settings.validation_prompts)
     settings.validate()
     return settings
 

@@ -15,11 +15,13 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 SEED_STRIDE = 100_003
+# torch seeds are 64-bit: derived seeds wrap there (no change below it), so every --seed up to 2**63 - 1 works.
+SEED_MODULUS = 2**64
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
     """The generator of image `index` under `seed`."""
-    return torch.Generator().manual_seed(seed * SEED_STRIDE + index)
+    return torch.Generator().manual_seed((seed * SEED_STRIDE + index) % SEED_MODULUS)
 
 
 @torch.no_grad()

@@ -347,3 +347,19 @@ def _readable(path: Path) -> bool:
             return all(handle.get_tensor(k) is not None for k in handle.keys())
     except Exception:
         return False
+
+
+@pytest.mark.parametrize("targets, message", [
+    ([""], "not a layer with weights"), (["time_embedding"], "not a layer with weights"),
+    (["down_blocks"], "not a layer with weights"), (["conv_in", "conv_in"], "more than once"),
+])
+def test_targets_that_are_not_layers_are_refused(adapter, tmp_path, targets, message):
+    fingerprint = {"digest": "0", "layers": {t: [1.0, 0.0, 0.0] for t in targets}}
+    bad = rewrite(adapter, tmp_path / "bad.safetensors",
+                  meta={"targets": json.dumps(targets), "base_fingerprint": json.dumps(fingerprint)})
+    for check_base in (True, False):  # the fingerprint check once read a container's missing weight
+        unet = make_unet()
+        before = snapshot(unet)
+        with pytest.raises(AdapterFormatError, match=message):
+            load_adapter(unet, bad, check_base=check_base)
+        assert_same(unet, before)

@@ -273,3 +273,18 @@ def test_inspect_refuses_a_non_finite_adapter_in_one_line(adapter, tmp_path, mon
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
     assert_refused(run_cli(["inspect", str(bad)], monkeypatch, capsys), "bad.safetensors", key)
+
+
+def test_the_largest_accepted_seed_draws_every_derived_generator():
+    from filteratom_sd.checks import MAX_SEED
+    from filteratom_sd.evaluation.drift import _generator as probe_generator
+    from filteratom_sd.evaluation.prompt_sets import PromptSet
+    from filteratom_sd.generation import SEED_STRIDE, image_generator
+
+    # class images (prior.py) and the drift monitor's probes derive seeds from --seed; they once overflowed past 2**64
+    assert image_generator(MAX_SEED, 12_345 + 99).initial_seed() == (MAX_SEED * SEED_STRIDE + 12_444) % 2**64
+    assert probe_generator(MAX_SEED, 7).initial_seed() == (MAX_SEED * 1_000_003 + 7) % 2**64
+    # below 2**64 nothing changed: the images of ordinary seeds are the ones earlier versions drew
+    assert image_generator(3, 7).initial_seed() == 3 * SEED_STRIDE + 7
+    assert probe_generator(5, 2).initial_seed() == 5 * 1_000_003 + 2
+    PromptSet(["a photo of {}"], [0, MAX_SEED]).validate()

@@ -6,6 +6,7 @@ Runs stop where the base model would load (every check comes before it), so each
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -16,23 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from filteratom_sd.cli import main
+from filteratom_sd.training.settings import TrainingSettings
 
 from .train_helpers import CASTLE
 
-SETTING_NAMES = [
-    "concept", "token", "method", "preset", "method_options", "steps", "lr", "lr_by_method", "batch_size",
-    "gradient_accumulation_steps", "resolution", "center_crop", "flip", "seed", "mixed_precision",
-    "gradient_checkpointing", "prior_preservation", "class_prompt", "num_class_images", "prior_loss_weight",
-    "min_snr_gamma", "masked_loss", "unmasked_weight", "checkpoint_every", "checkpoints_total_limit",
-    "validation_prompts", "validation_every", "validation_steps", "guidance_scale", "adam_weight_decay",
-    "max_grad_norm", "lr_warmup_steps", "prompt_templates", "on_nan", "stepz",
-]
+# every setting, and one misspelt name
+SETTING_NAMES = [f.name for f in dataclasses.fields(TrainingSettings)] + ["stepz"]
 SOUND = {
     "method": ["filter-atoms", "lora", "liera", "bitfit", "full", "oft"], "preset": ["C1", "C2", "C3", None],
     "method_options": [{}, {"m": 6}, {"rank": 2}, {"target_modules": ["conv"]}], "lr": [1e-3, 0.5, None],
     "seed": [0, 7, 2**63 - 1], "validation_prompts": [[], ["a <castle>"]], "prompt_templates": [["a {}"]],
     "class_prompt": ["a castle", ["a castle", "a tower"]], "token": ["<k>"], "max_grad_norm": [0.5],
     "guidance_scale": [1.0, 7.5], "mixed_precision": ["no", "bf16"], "resolution": [32, 64], "on_nan": ["stop"],
+    "keep": ["best", "last"], "report_to": ["none"], "monitor": [False], "lr_scheduler": ["cosine"],
+    "instance_prompt": ["a photo of <castle>"], "caption_dropout": [0.1], "noise_offset": [0.05],
 }
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
@@ -66,6 +64,10 @@ FLAGS = {
     "--unmasked-weight": st.floats(allow_nan=True).map(str), "--checkpoint-every": st.integers(-2, 4).map(str),
     "--on-nan": st.sampled_from(["skip", "halt"]), "--mixed-precision": st.sampled_from(["no", "fp8"]),
     "--num-class-images": st.integers(-2, 3).map(str), "--batch-size": st.integers(-1, 3).map(str),
+    "--max-grad-norm": st.floats(allow_nan=True).map(str), "--weight-decay": st.floats(allow_nan=True).map(str),
+    "--guidance-scale": st.floats(allow_nan=True).map(str), "--noise-offset": st.floats(allow_nan=True).map(str),
+    "--caption-dropout": st.floats(allow_nan=True).map(str), "--keep": st.sampled_from(["best", "last", "first"]),
+    "--instance-prompt": text, "--caption-template": text, "--max-drift": st.floats(allow_nan=True).map(str),
 }
 SWITCHES = ["--prior-preservation", "--masked-loss", "--flip", "--gradient-checkpointing", "--random-crop"]
 flag_lists = st.lists(st.one_of(
@@ -95,7 +97,7 @@ def _dump(config) -> bytes:
     return yaml.safe_dump(config, allow_unicode=True).encode()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config=configs, flags=flag_lists)
 def test_train_settings_and_flags_exit_0_or_2_with_one_error_line(monkeypatch, capsys, config, flags):
     from diffusers import StableDiffusionPipeline

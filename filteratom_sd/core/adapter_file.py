@@ -204,6 +204,8 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     targets = _json_field(meta, "targets", list, file)
     if not all(isinstance(t, str) for t in targets):
         raise AdapterFormatError(f"{file} lists targets that are not module names.")
+    if len(set(targets)) != len(targets):
+        raise AdapterFormatError(f"{file} lists a target more than once.")
     base = _json_field(meta, "base_fingerprint", dict, file)
     _check_fingerprint(base, targets, file)
     count = _json_field(meta, "num_parameters", int, file)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..checks import check_scale
 from ..errors import AdapterFormatError, BaseModelMismatchError, ConfigError
@@ -16,6 +16,7 @@ from ..methods.registry import method_class
 from .adapter_file import AdapterFile, read_adapter
 from .fingerprint import fingerprint, mismatched_layers
 from .inject import attached_adapters, check_adapter_name, record_adapter, remove_adapter
+from .layer import base_layer_of
 from .targets import pinned_to_targets
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,17 @@ def _default_name(adapter: AdapterFile, unet: nn.Module) -> str:
 
 
 def _check_targets(adapter: AdapterFile, unet: nn.Module) -> None:
-    names = {n for n, _ in unet.named_modules()}
-    missing = [t for t in adapter.targets if t not in names]
+    modules = dict(unet.named_modules())
+    missing = [t for t in adapter.targets if t not in modules]
     if missing:
         raise BaseModelMismatchError(
             f"{adapter.path.name} adapts layer {missing[0]!r} which this model does not have "
             f"({len(missing)} missing layers): it was made for a different architecture."
         )
+    # a listed container (the root "", "down_blocks") has no weight to fingerprint or adapt
+    blocks = [t for t in adapter.targets if not isinstance(getattr(base_layer_of(modules[t]), "weight", None), Tensor)]
+    if blocks:
+        raise AdapterFormatError(f"{adapter.path.name} lists {blocks[0]!r} as a target, which is not a layer with weights.")
 
 
 def load_adapter(

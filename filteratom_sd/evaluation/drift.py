@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ..generation import generate_images
+from ..generation import SEED_MODULUS, generate_images
 
 from .probes import ProbeScorer
 
@@ -101,7 +101,7 @@ class ProbeResult:
 
 
 def _generator(seed: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + salt)
+    return torch.Generator().manual_seed((seed * 1_000_003 + salt) % SEED_MODULUS)
 
 
 @contextlib.contextmanager

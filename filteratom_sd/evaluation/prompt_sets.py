@@ -14,7 +14,6 @@ from typing import Any
 
 from ..checks import MAX_GUIDANCE, MAX_SEED
 from ..errors import UserInputError
-from ..generation import SEED_STRIDE
 from ..resources import config_file, shipped_config
 from ..training.settings import read_yaml
 
@@ -35,10 +34,9 @@ class PromptSet:
         where = f" in {self.source}" if self.source else ""
         if not self.prompts or not all(isinstance(p, str) and "{}" in p for p in self.prompts):
             raise UserInputError(f"The prompt set{where} needs a list of prompts, each with '{{}}' for the token.")
-        # image i of seed s is drawn with seed s * SEED_STRIDE + i: that must stay a valid seed
-        top = (MAX_SEED - len(self.prompts)) // SEED_STRIDE
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= top for s in self.seeds):
-            raise UserInputError(f"The prompt set{where} needs a list of integer seeds from 0 to {top}.")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
+                                     for s in self.seeds):
+            raise UserInputError(f"The prompt set{where} needs a list of integer seeds from 0 to 2**63 - 1.")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

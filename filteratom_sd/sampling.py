@@ -16,6 +16,7 @@ from .errors import UserInputError
 from .generation import truncate_prompt
 from .images import save_grid, save_image
 from .models import load_pipeline
+from .output_paths import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ class SampleRequest:
             raise UserInputError(f"--guidance-scale must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance_scale}.")
         if not 0 <= self.seed <= MAX_SEED - self.num_images:
             raise UserInputError(f"--seed must be an integer from 0 to 2**63 - 1 - --num-images, got {self.seed}.")
-        if self.out.exists() and not self.out.is_dir():
-            raise UserInputError(f"--out {self.out} exists and is not a folder.")
+        check_output_path(self.out, "--out", folder=True)
 
 
 def _slug(prompt: str) -> str:

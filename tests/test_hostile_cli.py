@@ -288,3 +288,16 @@ def test_the_largest_accepted_seed_draws_every_derived_generator():
     assert image_generator(3, 7).initial_seed() == 3 * SEED_STRIDE + 7
     assert probe_generator(5, 2).initial_seed() == 5 * 1_000_003 + 2
     PromptSet(["a photo of {}"], [0, MAX_SEED]).validate()
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_an_out_under_a_file_is_refused_before_the_model_loads(adapter, tmp_path, monkeypatch, capsys, no_model,
+                                                               command):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    if command == "sample":
+        args = ["sample", "--prompt", "a <castle>", "--adapter", str(adapter), "--out", str(mine / "samples")]
+    else:
+        args = ["eval", "--adapter", str(adapter), "--images", str(CASTLE), "--out", str(mine / "eval.json")]
+    assert_refused(run_cli(args, monkeypatch, capsys), "--out", "which is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and mine.read_text() == "mine"

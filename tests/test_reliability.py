@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import filteratom_sd.output_paths as output_paths
 import filteratom_sd.training.loop as train_module
 import filteratom_sd.training.preflight as preflight
 from filteratom_sd.core.adapter_file import read_adapter
@@ -99,7 +101,7 @@ def test_an_unwritable_output_folder_is_refused_before_loading_anything(tmp_path
     parent = tmp_path / "locked"
     parent.mkdir()
     # root may write anywhere, so the permission answer is simulated for the folder the run would be made in
-    monkeypatch.setattr(preflight.os, "access", lambda path, mode: Path(path) != parent)
+    monkeypatch.setattr(output_paths.os, "access", lambda path, mode: Path(path) != parent)
     monkeypatch.setattr(train_module, "load_pipeline", _must_not_run)
     with pytest.raises(UserInputError, match=f"Cannot write to {parent}"):
         train(quick_settings(parent / "run" / "deeper"), progress=False)
@@ -233,3 +235,24 @@ def test_a_thousand_word_prompt_is_truncated_with_a_warning(caplog):
     assert "truncated" in caplog.text
     assert len(pipe.tokenizer(short).input_ids) <= pipe.tokenizer.model_max_length
     assert truncate_prompt(pipe.tokenizer, "a castle") == "a castle"
+
+
+def test_every_fault_table_row_names_a_test_that_exists():
+    table = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
+    rows = [row for row in table.splitlines() if re.match(r"\| \d+ \|", row)]
+    assert len(rows) >= 60 and [int(row.split("|")[1]) for row in rows] == list(range(1, len(rows) + 1))
+    named: list[tuple[str, str]] = []
+    for row in rows:
+        cell = row.rstrip(" |").rsplit("|", 1)[-1].strip()
+        if cell == "same":  # the previous row's test covers this one too
+            continue
+        named, module = [], None
+        for reference in re.findall(r"`((?:test_\w+|…)(?:::\w+)?)`", cell):
+            prefix, _, test = reference.partition("::")  # a module alone names all of its tests
+            module = module if prefix == "…" else prefix
+            named.append((module, test))
+        assert named, row
+        for module, test in named:
+            source = Path(__file__).with_name(f"{module}.py")
+            assert source.is_file(), (row, module)
+            assert not test or re.search(rf"^def {test}\(", source.read_text(), re.M), (row, module, test)

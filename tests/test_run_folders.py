@@ -245,6 +245,16 @@ def test_resume_and_overwrite_together_are_refused(run, monkeypatch, capsys):
     assert _snapshot(run) == before
 
 
+@pytest.mark.parametrize("where", ["the file itself", "under the file"])
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys, where):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    out = mine if where == "the file itself" else mine / "run"
+    fragment = "exists and is not a folder" if where == "the file itself" else "which is a file"
+    assert_user_error(run_cli(_args(out, 2), monkeypatch, capsys), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and mine.read_text() == "mine"
+
+
 def test_an_empty_existing_folder_is_used(tmp_path, monkeypatch, capsys):
     out = tmp_path / "empty"
     out.mkdir()

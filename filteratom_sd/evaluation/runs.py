@@ -23,6 +23,7 @@ from ..core.api import load_adapter, unload_adapter
 from ..errors import UserInputError
 from ..generation import generate_images
 from ..models import load_pipeline
+from ..output_paths import check_output_path
 from ..tiny.checker import TOKEN_SHAPES
 from ..tiny.domain import SHAPES
 from ..training.data import load_concept_images
@@ -116,8 +117,7 @@ class EvalRequest:
                 raise UserInputError(f"No adapter file or folder at {adapter}.")
         if self.include_base and not self.token and not self.adapters:
             raise UserInputError("Scoring only the base model needs --token (the concept's trigger token).")
-        if self.out.is_dir():
-            raise UserInputError(f"--out {self.out} is a folder; give the JSON file to write, such as {self.out / 'eval.json'}.")
+        check_output_path(self.out, "--out", folder=False)
 
 
 def run_eval(request: EvalRequest) -> dict[str, Any]:

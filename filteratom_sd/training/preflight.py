@@ -5,13 +5,13 @@ Every user mistake about the output is found here, before anything is written.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import yaml
 
 from ..errors import UserInputError
+from ..output_paths import check_output_path, existing_ancestor
 from .settings import TrainingSettings
 
 CONFIG_NAME = "training_config.yaml"
@@ -47,18 +47,9 @@ def check_output_dir(settings: TrainingSettings, resume: bool, overwrite: bool) 
         raise UserInputError(f"{out} already holds a run for the concept {concept!r}; pass --resume or --overwrite.")
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_output_writable(out: Path) -> None:
-    """Refuse an output folder (or the folder it will be made in) that this user cannot write to."""
-    place = _existing_ancestor(out)
-    if not os.access(place, os.W_OK | os.X_OK):
-        raise UserInputError(f"Cannot write to {place}: choose another --output-dir.")
+    """Refuse an output folder that is a file, lies under one, or that this user cannot write to."""
+    check_output_path(out, "--output-dir", folder=True)
 
 
 def check_class_images_folder(images: str, class_images: str | None) -> None:
@@ -92,7 +83,7 @@ def bytes_reused(out: Path, trainable: int, settings: TrainingSettings) -> int:
 
 def check_free_space(out: Path, needed: int) -> None:
     """Refuse to start a run that the output disk cannot hold."""
-    free = shutil.disk_usage(_existing_ancestor(out)).free
+    free = shutil.disk_usage(existing_ancestor(out)).free
     if free < needed:
         raise UserInputError(
             f"Not enough free space for {out}: the run needs about {needed / 2**20:,.1f} MiB "

@@ -203,6 +203,10 @@ def test_the_base_check_is_skipped_only_when_asked(adapter):
     with pytest.raises(BaseModelMismatchError, match="differ from this model's weights"):
         load_adapter(other, adapter)
     assert_same(other, before)
+    for unclear in (None, 0, "no"):
+        with pytest.raises(ConfigError, match="check_base"):
+            load_adapter(other, adapter, check_base=unclear)
+        assert_same(other, before)
     assert load_adapter(other, adapter, check_base=False) == "castle"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..checks import check_scale
+from ..checks import check_bool, check_scale
 from ..errors import AdapterFormatError, BaseModelMismatchError, ConfigError
 from ..methods.registry import method_class
 from .adapter_file import AdapterFile, read_adapter
@@ -69,6 +69,7 @@ def load_adapter(
     """
     unet = _unet(pipe)
     scale = check_scale(scale)
+    check_bool("check_base", check_base)  # None or 0 must not skip the base check by accident
     adapter = read_adapter(Path(path))
     name = _default_name(adapter, unet) if adapter_name is None else adapter_name
     check_adapter_name(name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,40 +12,16 @@ import torch
 from PIL import Image
 
 from filteratom_sd import FilterAtomConfig, add_filter_atoms, save_adapter
-from filteratom_sd.cli import main
 
+from .cli_runner import refuse_model_loading, run_cli
 from .tiny_unet import make_unet
 from .train_helpers import CASTLE
 
 
-class ModelLoaded(BaseException):
-    """Raised where the base model would load: every check before it passed."""
-
-
 @pytest.fixture
 def no_model(monkeypatch):
-    """Loading a base pipeline raises `ModelLoaded` instead (layout-independent: patched in diffusers)."""
-    from diffusers import StableDiffusionPipeline
-
-    def refuse(*args, **kwargs):
-        raise ModelLoaded()
-
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", refuse)
-    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", refuse)
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int | str, str, str]:
-    """(exit status or "model loaded", stdout, stderr) of `fa-sd ARGS` run in this process."""
-    monkeypatch.setattr(sys, "argv", ["fa-sd", *args])
-    code: int | str = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except ModelLoaded:
-        code = "model loaded"
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    """Loading a base pipeline raises `ModelLoaded` instead."""
+    refuse_model_loading(monkeypatch)
 
 
 def assert_refused(result, *fragments: str) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,9 +15,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from filteratom_sd.cli import main
 from filteratom_sd.training.settings import TrainingSettings
 
+from .cli_runner import refuse_model_loading, run_cli
 from .train_helpers import CASTLE
 
 # every setting, and one misspelt name
@@ -76,14 +75,6 @@ flag_lists = st.lists(st.one_of(
 ), max_size=4)
 
 
-class ModelLoaded(BaseException):
-    """Raised where the base model would load: the command got past every check."""
-
-
-def _refuse_loading(*args, **kwargs):
-    raise ModelLoaded()
-
-
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -100,10 +91,7 @@ def _dump(config) -> bytes:
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config=configs, flags=flag_lists)
 def test_train_settings_and_flags_exit_0_or_2_with_one_error_line(monkeypatch, capsys, config, flags):
-    from diffusers import StableDiffusionPipeline
-
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", _refuse_loading)
-    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", _refuse_loading)
+    refuse_model_loading(monkeypatch)
     castle_before = _tree(CASTLE)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -114,15 +102,7 @@ def test_train_settings_and_flags_exit_0_or_2_with_one_error_line(monkeypatch, c
             args += ["--config", str(root / "settings.yaml")]
         args += [part for flag in flags for part in flag]
         before = _tree(root)
-        monkeypatch.setattr(sys, "argv", ["fa-sd", *args])
-        code: int | str = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except ModelLoaded:
-            code = "model loaded"
-        err = capsys.readouterr().err
+        code, _, err = run_cli(args, monkeypatch, capsys)
         errors = [line for line in err.splitlines() if line.startswith("Error:")]
         assert code in (0, "model loaded") or (code == 2 and len(errors) == 1), (args, code, err)
         assert "unexpected" not in err and "Traceback" not in err, (args, err)

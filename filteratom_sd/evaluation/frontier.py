@@ -15,16 +15,15 @@ continues from its last checkpoint) and a finished one re-renders without traini
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text
 from .compare import SCORED_AT_FIXED_STEPS, MethodSpec
 from .records import content_key, read_record
+from .report import write_json
 from ..errors import UserInputError
 from ..training.settings import TrainingSettings, resolve_settings
 
@@ -111,11 +110,6 @@ def learning_rates(spec: MethodSpec) -> tuple[float, ...]:
     return (spec.lr,) if spec.lr is not None else LR_GRIDS[spec.method]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 def run_dir(out: Path, spec: MethodSpec, lr: float, seed: int) -> Path:
     """OUT/runs/<method>/lr-<lr>/seed-<seed>."""
     return out / "runs" / spec.slug / f"lr-{lr:g}" / f"seed-{seed}"
@@ -154,10 +148,10 @@ def train_run(settings: TrainingSettings, progress: bool) -> RunCosts:
     resume = bool(started and started.get("train_key") == key and (folder / "checkpoints").is_dir())
     if not resume and folder.exists():
         shutil.rmtree(folder)  # another run's settings: its checkpoints must not be resumed
-    _write_json(folder / "started.json", {"train_key": key})
+    write_json(folder / "started.json", {"train_key": key})
     result = train(settings, resume=resume, overwrite=not resume, progress=progress)
     costs = RunCosts(result.trainable_parameters, adapter.stat().st_size, round(result.seconds, 2))
-    _write_json(folder / "train.json", {"train_key": key, **costs.__dict__})
+    write_json(folder / "train.json", {"train_key": key, **costs.__dict__})
     return costs
 
 
@@ -207,7 +201,7 @@ def _scored(path: Path, scorer: _Scorer, jobs: dict[int, Path | None]) -> dict[i
     for step, adapter in jobs.items():
         if str(step) not in known:
             known[str(step)] = scorer.score(adapter)
-            _write_json(path, {"eval_key": scorer.key, "steps": known})
+            write_json(path, {"eval_key": scorer.key, "steps": known})
     return {int(s): v for s, v in known.items() if int(s) in jobs}
 
 
@@ -227,7 +221,7 @@ def run_frontier(request: FrontierRequest) -> tuple[list[ScoredPoint], dict[str,
         scores = _scored(run.output_path / "scores.json", scorer, checkpoint_adapters(run, steps))
         points.append(ScoredPoint(spec.text, lr, seed, 0, **base))
         points += [ScoredPoint(spec.text, lr, seed, step, **scores[step]) for step in steps]
-        _write_json(request.out / "frontier.json", {"points": [p.to_dict() for p in points]})
+        write_json(request.out / "frontier.json", {"points": [p.to_dict() for p in points]})
     mean = {text: RunCosts(c[0].trainable_parameters, c[0].adapter_bytes,
                            round(sum(r.train_seconds for r in c) / len(c), 1)) for text, c in costs.items()}
     return points, mean

@@ -1,4 +1,7 @@
-"""The public API on an existing diffusers pipeline (or a bare UNet): load, scale, fuse, unfuse, unload."""
+"""The public API on an existing diffusers pipeline (or a bare UNet): load, scale, fuse, unfuse, unload.
+
+A UNet wrapped by torch.compile is unwrapped here, so every function takes the compiled one as well.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 def _unet(pipe_or_unet: Any) -> nn.Module:
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    # torch.compile wraps the UNet in an OptimizedModule whose layer names carry an "_orig_mod." prefix
+    unet = getattr(unet, "_orig_mod", unet)
     if not isinstance(unet, nn.Module):
         raise ConfigError("Expected a diffusers pipeline with a .unet or a UNet module.")
     return unet

@@ -15,7 +15,8 @@ Where the cost goes (docs/performance.md has the measurements):
   of the network runs (the autograd ops are in `fast_paths`);
 - sampling without fusing (eval mode, no gradient wanted): the effective weight is
   built once and reused until an update's tensors, its scale or the base weight
-  change (`set_weight_cache`; keyed by the tensors' version counters);
+  change (`set_weight_cache`; keyed by the tensors' version counters; torch.compile
+  traces the build into its graph instead);
 - fused: the forward is the base layer's own.
 
 `AdaptedNorm` is the same wrapper around a GroupNorm / LayerNorm's affine parameters.
@@ -248,7 +249,8 @@ class AdaptedLayer(nn.Module):
             return None
 
     def _frozen_weight_and_bias(self, names: list[str]) -> tuple[Tensor, Tensor | None]:
-        if not (self.cache_weights and not self.training):
+        # under torch.compile the weight build joins the graph: the cache's data-pointer check would break it
+        if not (self.cache_weights and not self.training) or torch.compiler.is_compiling():
             with torch.no_grad():
                 return self.effective_weight_and_bias(names)
         key = self._cache_key(names)

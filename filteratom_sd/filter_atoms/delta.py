@@ -130,6 +130,8 @@ class AtomDelta(WeightDelta):
     def _projector(self) -> Tensor:
         # pinv(D0) (d x m), recomputed only when the atoms change (loading a state dict replaces them).
         atoms = self.atoms0
+        if torch.compiler.is_compiling():  # traced into the graph: the data-pointer check below would break it
+            return torch.linalg.pinv(atoms.detach().reshape(atoms.shape[0], -1).double()).to(atoms.dtype)
         key = (atoms.data_ptr(), atoms._version, atoms.dtype, atoms.device)
         if self._pinv is None or self._pinv[0] != key:
             pinv = torch.linalg.pinv(atoms.detach().reshape(atoms.shape[0], -1).double()).to(atoms.dtype)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import cpu_offload, cpu_offload_with_hook
+from accelerate.hooks import remove_hook_from_module
 
-from filteratom_sd import fuse_adapter, load_adapter, set_adapter_scale, unfuse_adapter, unload_adapter
+from filteratom_sd import fuse_adapter, load_adapter, merge_and_unload, set_adapter_scale, unfuse_adapter, unload_adapter
+from filteratom_sd.errors import ConfigError
 
 from .test_adapter_files import trained_adapter
 from .tiny_unet import make_inputs, make_unet, run
@@ -57,3 +60,49 @@ def test_load_then_compile_makes_one_graph_fused_or_not(adapter, dynamo):
     set_adapter_scale(unet, 1.0)
     fuse_adapter(unet)  # the documented fast path: the fused graph is the base UNet's
     torch.testing.assert_close(run(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
+
+
+# --- offload -----------------------------------------------------------------------------------
+# diffusers' enable_sequential_cpu_offload wants an accelerator (device="cpu" becomes "cpu:0", which accelerate
+# cannot restore weights to), so these tests attach the same accelerate hook it attaches to the UNet.
+
+def test_sequential_offload_runs_a_merged_adapter_and_refuses_the_rest(adapter):
+    path, expected = adapter
+    inputs = make_inputs()
+    offloaded = make_unet()
+    cpu_offload(offloaded, torch.device("cpu"))
+    calls = (lambda: load_adapter(offloaded, path), lambda: fuse_adapter(offloaded), lambda: unfuse_adapter(offloaded),
+             lambda: set_adapter_scale(offloaded, 0.5), lambda: unload_adapter(offloaded))
+    for call in calls:
+        with pytest.raises(ConfigError, match=r"merge_and_unload\(pipe\) before pipe.enable_sequential_cpu_offload"):
+            call()
+    unfused = make_unet()
+    load_adapter(unfused, path)
+    cpu_offload(unfused, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="sequential CPU offload"):  # sampling, not only the API
+        run(unfused, inputs)
+    for finish in (fuse_adapter, merge_and_unload):
+        unet = make_unet()
+        load_adapter(unet, path)
+        finish(unet)
+        cpu_offload(unet, torch.device("cpu"))
+        torch.testing.assert_close(run(unet, inputs), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="remove_all_hooks"):
+        unfuse_adapter(unet)
+    remove_hook_from_module(unet, recurse=True)  # what pipe.remove_all_hooks() does: the weights come back
+    assert torch.equal(run(unet, inputs), run(merged_reference(path), inputs))
+
+
+def merged_reference(path):
+    unet = make_unet()
+    load_adapter(unet, path)
+    merge_and_unload(unet)
+    return unet
+
+
+def test_model_offload_moves_whole_models_and_takes_adapters_at_any_time(adapter):
+    path, expected = adapter
+    unet = make_unet()
+    cpu_offload_with_hook(unet, torch.device("cpu"))  # enable_model_cpu_offload's hook
+    load_adapter(unet, path)
+    torch.testing.assert_close(run(unet, make_inputs()), expected, atol=1e-5, rtol=1e-5)

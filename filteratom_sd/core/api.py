@@ -1,6 +1,7 @@
 """The public API on an existing diffusers pipeline (or a bare UNet): load, scale, fuse, unfuse, unload.
 
-A UNet wrapped by torch.compile is unwrapped here, so every function takes the compiled one as well.
+A UNet wrapped by torch.compile is unwrapped here, so every function takes the compiled one as well; one whose
+weights sequential CPU offload moved to the meta device is refused (load and merge adapters before offloading).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..methods.registry import method_class
 from .adapter_file import AdapterFile, read_adapter
 from .fingerprint import fingerprint, mismatched_layers
 from .inject import attached_adapters, check_adapter_name, record_adapter, remove_adapter
-from .layer import base_layer_of
+from .layer import OFFLOADED, base_layer_of
 from .targets import pinned_to_targets
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ def _unet(pipe_or_unet: Any) -> nn.Module:
     unet = getattr(unet, "_orig_mod", unet)
     if not isinstance(unet, nn.Module):
         raise ConfigError("Expected a diffusers pipeline with a .unet or a UNet module.")
+    if any(p.is_meta for p in unet.parameters()):
+        raise ConfigError(OFFLOADED)
     return unet
 
 

@@ -39,6 +39,8 @@ from .fast_paths import RebuiltWeightOp, TapConvOp
 CONV_PATHS = ("auto", "taps", "weight")
 # Foreign wrappers (peft's layers) that we fuse keep (weight, bias) of their base here for an exact unfuse.
 FUSE_BACKUP_ATTR = "filteratom_fuse_backup"
+OFFLOADED = ("This UNet's weights are on the meta device, where sequential CPU offload keeps them: load adapters and call "
+             "merge_and_unload(pipe) before pipe.enable_sequential_cpu_offload(), or call pipe.remove_all_hooks() first.")
 
 
 def base_layer_of(module: nn.Module) -> nn.Module:
@@ -267,6 +269,8 @@ class AdaptedLayer(nn.Module):
         names = self._active()
         if not names:
             return self.base_layer(x)
+        if self.base_layer.weight.is_meta:  # offload hooks fill in weights only inside the base layer's own call
+            raise ConfigError(OFFLOADED)
         params = self._trainable(names) if torch.is_grad_enabled() else []
         if params:
             self._cached = None  # training: a cached weight would be stale after the next optimizer step

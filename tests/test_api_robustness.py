@@ -6,12 +6,17 @@ import pytest
 import torch
 from accelerate import cpu_offload, cpu_offload_with_hook
 from accelerate.hooks import remove_hook_from_module
+from peft import LoraConfig
 
 from filteratom_sd import fuse_adapter, load_adapter, merge_and_unload, set_adapter_scale, unfuse_adapter, unload_adapter
 from filteratom_sd.errors import ConfigError
 
 from .test_adapter_files import trained_adapter
 from .tiny_unet import make_inputs, make_unet, run
+
+# Linears the filter-atom default targets leave alone: a LoRA there shares no layer with the adapter.
+OTHER_LAYERS = ["time_emb_proj", "linear_1"]
+
 
 @pytest.fixture
 def adapter(tmp_path):
@@ -24,6 +29,12 @@ def dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def add_lora(unet, targets, seed=5):
+    """A peft LoRA as diffusers' `load_lora_weights` / `add_adapter` adds it, with non-zero updates."""
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
 
 
 # --- torch.compile -----------------------------------------------------------------------------
@@ -106,3 +117,45 @@ def test_model_offload_moves_whole_models_and_takes_adapters_at_any_time(adapter
     cpu_offload_with_hook(unet, torch.device("cpu"))  # enable_model_cpu_offload's hook
     load_adapter(unet, path)
     torch.testing.assert_close(run(unet, make_inputs()), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- a diffusers / peft LoRA -------------------------------------------------------------------
+
+def test_a_lora_on_the_same_layers_is_refused_before_anything_changes(adapter):
+    path, _ = adapter
+    inputs = make_inputs()
+    unet = make_unet()
+    add_lora(unet, ["to_q", "to_k", "to_v"])
+    before = run(unet, inputs)
+    with pytest.raises(ConfigError, match=r"already carries a peft adapter .* merge_and_unload\(pipe\)"):
+        load_adapter(unet, path)
+    assert torch.equal(run(unet, inputs), before)
+
+
+def test_a_lora_added_after_merge_and_unload_stacks_on_the_adapter(adapter):
+    path, expected = adapter
+    inputs = make_inputs()
+    unet = make_unet()
+    load_adapter(unet, path)
+    merge_and_unload(unet)
+    add_lora(unet, ["to_q", "to_k", "to_v", "conv1"])
+    assert (run(unet, inputs) - expected).abs().max() > 1e-3  # the LoRA applies ...
+    unet.disable_adapters()
+    torch.testing.assert_close(run(unet, inputs), expected, atol=1e-5, rtol=1e-5)  # ... on top of the adapter
+
+
+def test_a_lora_on_other_layers_stacks_in_either_order(adapter):
+    path, expected = adapter
+    inputs = make_inputs()
+    lora_first = make_unet()
+    add_lora(lora_first, OTHER_LAYERS)
+    lora_only = run(lora_first, inputs)
+    load_adapter(lora_first, path)
+    both = run(lora_first, inputs)
+    ours_first = make_unet()
+    load_adapter(ours_first, path)
+    add_lora(ours_first, OTHER_LAYERS)
+    torch.testing.assert_close(run(ours_first, inputs), both, atol=1e-5, rtol=1e-5)
+    assert min((both - lora_only).abs().max(), (both - expected).abs().max()) > 1e-3
+    unload_adapter(lora_first)
+    assert torch.equal(run(lora_first, inputs), lora_only)

@@ -20,7 +20,8 @@ from ..methods.registry import method_class
 from .adapter_file import AdapterFile, read_adapter
 from .fingerprint import fingerprint, mismatched_layers
 from .inject import attached_adapters, check_adapter_name, record_adapter, remove_adapter
-from .layer import OFFLOADED, base_layer_of
+from .layer import OFFLOADED, AdaptedLayer, base_layer_of
+from .method import AdapterMethod, LayerDeltaMethod
 from .targets import pinned_to_targets
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,28 @@ def _check_targets(adapter: AdapterFile, unet: nn.Module) -> None:
         raise AdapterFormatError(f"{adapter.path.name} lists {blocks[0]!r} as a target, which is not a layer with weights.")
 
 
+def _refuse_shared_layers(adapter: AdapterFile, method: AdapterMethod, unet: nn.Module) -> None:
+    # our wrapper cannot sit on a peft layer (its forward would skip the LoRA), nor peft's on ours
+    if not isinstance(method, LayerDeltaMethod):
+        return  # peft-backed methods stack with other peft adapters
+    modules = dict(unet.named_modules())
+    shared = [t for t in adapter.targets if hasattr(modules[t], "base_layer") and not isinstance(modules[t], AdaptedLayer)]
+    if shared:
+        raise ConfigError(
+            f"{adapter.path.name} adapts {shared[0]!r}, which already carries a peft adapter (a LoRA from "
+            "load_lora_weights or add_adapter): unload that LoRA, load this adapter and call merge_and_unload(pipe), "
+            "then load the LoRA again, or export this adapter with `fa-sd export --format lora`."
+        )
+
+
 def load_adapter(
     pipe: Any, path: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0, check_base: bool = True
 ) -> str:
     """Load an adapter file into a pipeline's UNet (or a bare UNet); returns the adapter's name.
 
     The base weights must match the adapter's fingerprint unless `check_base` is False.
-    Several adapters can be loaded under different names; their updates add.
+    Several adapters can be loaded under different names; their updates add. A diffusers / peft LoRA on
+    other layers stacks in either order; on the same layers, load this adapter, `merge_and_unload`, then the LoRA.
     """
     unet = _unet(pipe)
     scale = check_scale(scale)
@@ -91,6 +107,7 @@ def load_adapter(
         method = method_class(adapter.method).from_config_dict(pinned_to_targets(adapter.config, adapter.targets))
     except ConfigError as exc:
         raise AdapterFormatError(f"{adapter.path.name} has an invalid configuration: {exc}") from None
+    _refuse_shared_layers(adapter, method, unet)
     if check_base:
         bad = mismatched_layers(adapter.base_fingerprint, fingerprint(unet, adapter.targets))
         if bad:

@@ -20,6 +20,12 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def is_compiling() -> bool:
+    """True while torch.compile traces the caller (torch.compiler.is_compiling is torch 2.3+; dynamo's before)."""
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
+
+
 def _cast(dtype: torch.dtype | None, x: Tensor, weight: Tensor, bias: Tensor | None):
     # what F.conv2d / F.linear would do under autocast, done by hand so forward and backward agree
     if dtype is None:

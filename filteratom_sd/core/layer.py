@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .fast_paths import RebuiltWeightOp, TapConvOp
+from .fast_paths import RebuiltWeightOp, TapConvOp, is_compiling
 
 CONV_PATHS = ("auto", "taps", "weight")
 # Foreign wrappers (peft's layers) that we fuse keep (weight, bias) of their base here for an exact unfuse.
@@ -252,7 +252,7 @@ class AdaptedLayer(nn.Module):
 
     def _frozen_weight_and_bias(self, names: list[str]) -> tuple[Tensor, Tensor | None]:
         # under torch.compile the weight build joins the graph: the cache's data-pointer check would break it
-        if not (self.cache_weights and not self.training) or torch.compiler.is_compiling():
+        if not (self.cache_weights and not self.training) or is_compiling():
             with torch.no_grad():
                 return self.effective_weight_and_bias(names)
         key = self._cache_key(names)

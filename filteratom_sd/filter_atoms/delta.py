@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.fast_paths import is_compiling
 from ..core.layer import AdaptedLayer, WeightDelta
 from ..errors import ConfigError
 from .functional import atom_update
@@ -130,7 +131,7 @@ class AtomDelta(WeightDelta):
     def _projector(self) -> Tensor:
         # pinv(D0) (d x m), recomputed only when the atoms change (loading a state dict replaces them).
         atoms = self.atoms0
-        if torch.compiler.is_compiling():  # traced into the graph: the data-pointer check below would break it
+        if is_compiling():  # traced into the graph: the data-pointer check below would break it
             return torch.linalg.pinv(atoms.detach().reshape(atoms.shape[0], -1).double()).to(atoms.dtype)
         key = (atoms.data_ptr(), atoms._version, atoms.dtype, atoms.device)
         if self._pinv is None or self._pinv[0] != key:

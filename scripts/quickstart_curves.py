@@ -1,0 +1,153 @@
+"""Measure every checkpoint of quickstart-style runs against issue 14's targets and plot the curves.
+
+    python scripts/quickstart_curves.py --run "C2=outputs/c2" --run "C2 + prior preservation=outputs/c2pp" \
+        --out docs/quickstart
+
+Each run folder is a `fa-sd train` output with `--checkpoint-every`: every checkpoint's adapter and
+the final adapter are scored by measure_quickstart.py (background accuracy and castle silhouette with
+the token, the no-token drop against the base model). Results are kept in OUT/measurements/, one JSON
+per run and step, so an interrupted measurement resumes; OUT/curves.json and OUT/curves.png are
+written from them. Step 0 of every curve is the base model (the token prompts scored without an adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from measure_quickstart import TARGETS, drops_in_points, score_no_token, score_token_prompts
+
+from filteratom_sd import load_adapter, read_adapter_metadata, unload_adapter
+from filteratom_sd.atomic import atomic_save_figure, atomic_write_text
+from filteratom_sd.errors import AdapterFormatError
+from filteratom_sd.models import load_pipeline
+
+logger = logging.getLogger("quickstart_curves")
+
+
+def run_adapters(run: Path) -> dict[int, Path]:
+    """Step -> adapter file: every checkpoint's adapter and the final one."""
+    adapters: dict[int, Path] = {}
+    for candidate in sorted(run.glob("checkpoints/step-*/*.safetensors")) + sorted(run.glob("*.safetensors")):
+        try:
+            step = read_adapter_metadata(candidate).get("step")
+        except AdapterFormatError:  # a checkpoint's resume state (params.safetensors) beside its adapter
+            continue
+        if step is not None:
+            adapters.setdefault(int(step), candidate)
+    return dict(sorted(adapters.items()))
+
+
+def slug(label: str) -> str:
+    """A file-name form of a run label."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+
+
+def measure(pipe: Any, adapter: Path, base: dict[str, Any], seeds: list[int], steps: int,
+            guidance_scale: float) -> dict[str, Any]:
+    """measure_quickstart's scores of one adapter (the pipeline is left as it was)."""
+    token = read_adapter_metadata(adapter).get("token") or "<castle>"
+    name = load_adapter(pipe, adapter)
+    try:
+        with_token = score_token_prompts(pipe, token, "castle", seeds, steps, guidance_scale)
+        adapted = score_no_token(pipe, seeds, steps, guidance_scale)
+    finally:
+        unload_adapter(pipe, name)
+    return {"adapter": str(adapter), "token_prompts": with_token,
+            "no_token": {"adapted": adapted, "base": base, "drop_points": drops_in_points(adapted, base)}}
+
+
+def curve_points(result: dict[str, Any]) -> dict[str, float]:
+    """The four plotted numbers of one measurement."""
+    drops = result["no_token"]["drop_points"]
+    return {"background_accuracy": result["token_prompts"]["background_accuracy"],
+            "silhouette_similarity": result["token_prompts"]["silhouette_similarity"],
+            "no_token_shape_drop": drops["shape_accuracy"], "no_token_colour_drop": drops["colour_accuracy"]}
+
+
+def plot(curves: dict[str, dict[int, dict[str, float]]], path: Path) -> Path:
+    """Three panels against the training step: background accuracy, silhouette, no-token drop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(12.0, 3.4), dpi=100)
+    panels = (("background_accuracy", "background right, with the token", TARGETS["background_accuracy"]),
+              ("silhouette_similarity", "castle silhouette IoU", TARGETS["silhouette_similarity"]),
+              ("no_token_shape_drop", "no-token drop (points): shape —, colour --",
+               TARGETS["max_no_token_drop_points"]))
+    for axis, (key, title, target) in zip(axes, panels):
+        for index, (label, points) in enumerate(curves.items()):
+            colour = f"C{index}"
+            steps = sorted(points)
+            axis.plot(steps, [points[s][key] for s in steps], marker="o", markersize=3, color=colour, label=label)
+            if key == "no_token_shape_drop":
+                axis.plot(steps, [points[s]["no_token_colour_drop"] for s in steps], marker="x", markersize=3,
+                          color=colour, linestyle="--")
+        axis.axhline(target, color="black", linewidth=1, linestyle=":", label="target")
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    return atomic_save_figure(figure, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True, help="LABEL=RUN_FOLDER (repeatable)")
+    parser.add_argument("--out", required=True, help="folder for measurements/, curves.json and curves.png")
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (the checker's default)")
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(args.out)
+    (out / "measurements").mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds))
+    pipe = load_pipeline(None)
+    pipe.set_progress_bar_config(disable=True)
+    base_file = out / "measurements" / "base.json"
+    if base_file.is_file():
+        base = json.loads(base_file.read_text())
+    else:
+        base = score_no_token(pipe, seeds, args.steps, args.guidance_scale)
+        atomic_write_text(base_file, json.dumps(base, indent=2) + "\n")
+
+    base_token_file = out / "measurements" / "base-token.json"
+    if base_token_file.is_file():
+        base_token = json.loads(base_token_file.read_text())
+    else:
+        base_token = score_token_prompts(pipe, "<castle>", "castle", seeds, args.steps, args.guidance_scale)
+        atomic_write_text(base_token_file, json.dumps(base_token, indent=2) + "\n")
+    start = curve_points({"token_prompts": base_token,
+                          "no_token": {"drop_points": drops_in_points(base, base)}})
+
+    curves: dict[str, dict[int, dict[str, float]]] = {}
+    for spec in args.run:
+        label, _, folder = spec.partition("=")
+        curves[label] = {0: start}
+        for step, adapter in run_adapters(Path(folder)).items():
+            cached = out / "measurements" / f"{slug(label)}-step-{step:06d}.json"
+            if cached.is_file():
+                result = json.loads(cached.read_text())
+            else:
+                logger.info("measuring %s step %d", label, step)
+                result = measure(pipe, adapter, base, seeds, args.steps, args.guidance_scale)
+                atomic_write_text(cached, json.dumps(result, indent=2) + "\n")
+            curves[label][step] = curve_points(result)
+    summary = {"targets": TARGETS, "base_no_token": base, "base_with_token": base_token, "seeds": len(seeds),
+               "sampling_steps": args.steps, "guidance_scale": args.guidance_scale, "curves": curves}
+    atomic_write_text(out / "curves.json", json.dumps(summary, indent=2) + "\n")
+    plot(curves, out / "curves.png")
+    logger.info("wrote %s and %s", out / "curves.json", out / "curves.png")
+
+
+if __name__ == "__main__":
+    main()

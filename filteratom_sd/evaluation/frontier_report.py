@@ -122,11 +122,12 @@ def write_plot(groups: dict[str, list[ScoredPoint]], path: Path, title: str, lev
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=100)
     for i, (spec, pts) in enumerate(groups.items()):
         colour = plt.cm.tab10(i % 10)
+        style = ("-o", "--s", ":^")[i // 10 % 3]  # past ten methods the colours repeat: the line style tells them apart
         label = spec.replace("filter-atoms:", "")
         for ax, score in zip(axes, SCORES):
             ax.scatter([p.fidelity for p in pts], [getattr(p, score) for p in pts], s=10, color=colour, alpha=0.3)
             xs, ys = zip(*front(pts, score))
-            ax.plot(xs, ys, "-o", color=colour, markersize=4, label=label)
+            ax.plot(xs, ys, style, color=colour, markersize=4, label=label)
     for ax, score in zip(axes, SCORES):
         for lv in levels:
             ax.axvline(lv, color="grey", linestyle=":", linewidth=1)

@@ -19,6 +19,11 @@ from .functional import atom_update
 from .overcomplete import OVERCOMPLETE_INITS, atom_change, initial_beta, update_from_atom_change
 
 
+def _pseudo_inverse(atoms: Tensor) -> Tensor:
+    """pinv of the atoms flattened to (m, k*k), solved in float64 for accuracy, in the atoms' dtype."""
+    return torch.linalg.pinv(atoms.detach().reshape(atoms.shape[0], -1).double()).to(atoms.dtype)
+
+
 class AtomDelta(WeightDelta):
     """Filter-atom update of one layer: trains dD (and optionally d-alpha) with alpha frozen.
 
@@ -132,11 +137,10 @@ class AtomDelta(WeightDelta):
         # pinv(D0) (d x m), recomputed only when the atoms change (loading a state dict replaces them).
         atoms = self.atoms0
         if is_compiling():  # traced into the graph: the data-pointer check below would break it
-            return torch.linalg.pinv(atoms.detach().reshape(atoms.shape[0], -1).double()).to(atoms.dtype)
+            return _pseudo_inverse(atoms)
         key = (atoms.data_ptr(), atoms._version, atoms.dtype, atoms.device)
         if self._pinv is None or self._pinv[0] != key:
-            pinv = torch.linalg.pinv(atoms.detach().reshape(atoms.shape[0], -1).double()).to(atoms.dtype)
-            self._pinv = (key, pinv)
+            self._pinv = (key, _pseudo_inverse(atoms))
         return self._pinv[1]
 
     def delta_weight(self, weight: Tensor) -> Tensor:

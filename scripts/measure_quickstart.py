@@ -71,6 +71,21 @@ def drops_in_points(adapted: dict[str, Any], base: dict[str, Any]) -> dict[str, 
                                                                 "background_accuracy")}
 
 
+def score_adapter(pipe: Any, adapter: str | Path, shape: str, base: dict[str, Any], seeds: list[int], steps: int,
+                  guidance_scale: float) -> dict[str, Any]:
+    """Both measurements of one adapter (loaded into `pipe`, then unloaded) and its drops against `base`."""
+    token = read_adapter_metadata(adapter).get("token") or f"<{shape}>"
+    name = load_adapter(pipe, adapter)
+    try:
+        logger.info("scoring %s with and without %s", adapter, token)
+        with_token = score_token_prompts(pipe, token, shape, seeds, steps, guidance_scale)
+        adapted = score_no_token(pipe, seeds, steps, guidance_scale)
+    finally:
+        unload_adapter(pipe, name)
+    return {"adapter": str(adapter), "token": token, "token_prompts": with_token,
+            "no_token": {"adapted": adapted, "base": base, "drop_points": drops_in_points(adapted, base)}}
+
+
 def verdict(token: dict[str, Any], drops: dict[str, float]) -> dict[str, bool]:
     """Which of the issue's targets this adapter meets."""
     return {
@@ -108,17 +123,12 @@ def main() -> None:
         if base_file is not None:
             atomic_write_text(base_file, json.dumps(base, indent=2))
 
-    token = read_adapter_metadata(args.adapter).get("token") or f"<{args.shape}>"
-    name = load_adapter(pipe, args.adapter)
-    logger.info("scoring %s with and without %s", args.adapter, token)
-    with_token = score_token_prompts(pipe, token, args.shape, seeds, args.steps, args.guidance_scale)
-    adapted = score_no_token(pipe, seeds, args.steps, args.guidance_scale)
-    unload_adapter(pipe, name)
-    drops = drops_in_points(adapted, base)
-    result = {"adapter": str(args.adapter), "token": token, "seeds": len(seeds), "steps": args.steps,
-              "guidance_scale": args.guidance_scale, "token_prompts": with_token,
-              "no_token": {"adapted": adapted, "base": base, "drop_points": drops},
-              "targets": TARGETS, "meets": verdict(with_token, drops), "seconds": round(time.time() - started, 1)}
+    scores = score_adapter(pipe, args.adapter, args.shape, base, seeds, args.steps, args.guidance_scale)
+    result = {"adapter": scores["adapter"], "token": scores["token"], "seeds": len(seeds), "steps": args.steps,
+              "guidance_scale": args.guidance_scale, "token_prompts": scores["token_prompts"],
+              "no_token": scores["no_token"], "targets": TARGETS,
+              "meets": verdict(scores["token_prompts"], scores["no_token"]["drop_points"]),
+              "seconds": round(time.time() - started, 1)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

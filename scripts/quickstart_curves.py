@@ -16,12 +16,13 @@ import argparse
 import json
 import logging
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from measure_quickstart import TARGETS, drops_in_points, score_no_token, score_token_prompts
+from measure_quickstart import TARGETS, drops_in_points, score_adapter, score_no_token, score_token_prompts
 
-from filteratom_sd import load_adapter, read_adapter_metadata, unload_adapter
+from filteratom_sd import read_adapter_metadata
 from filteratom_sd.atomic import atomic_save_figure, atomic_write_text
 from filteratom_sd.errors import AdapterFormatError
 from filteratom_sd.models import load_pipeline
@@ -47,18 +48,13 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
 
 
-def measure(pipe: Any, adapter: Path, base: dict[str, Any], seeds: list[int], steps: int,
-            guidance_scale: float) -> dict[str, Any]:
-    """measure_quickstart's scores of one adapter (the pipeline is left as it was)."""
-    token = read_adapter_metadata(adapter).get("token") or "<castle>"
-    name = load_adapter(pipe, adapter)
-    try:
-        with_token = score_token_prompts(pipe, token, "castle", seeds, steps, guidance_scale)
-        adapted = score_no_token(pipe, seeds, steps, guidance_scale)
-    finally:
-        unload_adapter(pipe, name)
-    return {"adapter": str(adapter), "token_prompts": with_token,
-            "no_token": {"adapted": adapted, "base": base, "drop_points": drops_in_points(adapted, base)}}
+def cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The JSON kept at `path`, or `compute()` written there first (so an interrupted measurement resumes)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def curve_points(result: dict[str, Any]) -> dict[str, float]:
@@ -109,23 +105,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
-    (out / "measurements").mkdir(parents=True, exist_ok=True)
+    kept = out / "measurements"
+    kept.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
-    base_file = out / "measurements" / "base.json"
-    if base_file.is_file():
-        base = json.loads(base_file.read_text())
-    else:
-        base = score_no_token(pipe, seeds, args.steps, args.guidance_scale)
-        atomic_write_text(base_file, json.dumps(base, indent=2) + "\n")
-
-    base_token_file = out / "measurements" / "base-token.json"
-    if base_token_file.is_file():
-        base_token = json.loads(base_token_file.read_text())
-    else:
-        base_token = score_token_prompts(pipe, "<castle>", "castle", seeds, args.steps, args.guidance_scale)
-        atomic_write_text(base_token_file, json.dumps(base_token, indent=2) + "\n")
+    sampling = (seeds, args.steps, args.guidance_scale)
+    base = cached_json(kept / "base.json", partial(score_no_token, pipe, *sampling))
+    base_token = cached_json(kept / "base-token.json",
+                             partial(score_token_prompts, pipe, "<castle>", "castle", *sampling))
     start = curve_points({"token_prompts": base_token,
                           "no_token": {"drop_points": drops_in_points(base, base)}})
 
@@ -134,13 +122,8 @@ def main() -> None:
         label, _, folder = spec.partition("=")
         curves[label] = {0: start}
         for step, adapter in run_adapters(Path(folder)).items():
-            cached = out / "measurements" / f"{slug(label)}-step-{step:06d}.json"
-            if cached.is_file():
-                result = json.loads(cached.read_text())
-            else:
-                logger.info("measuring %s step %d", label, step)
-                result = measure(pipe, adapter, base, seeds, args.steps, args.guidance_scale)
-                atomic_write_text(cached, json.dumps(result, indent=2) + "\n")
+            result = cached_json(kept / f"{slug(label)}-step-{step:06d}.json",
+                                 partial(score_adapter, pipe, adapter, "castle", base, *sampling))
             curves[label][step] = curve_points(result)
     summary = {"targets": TARGETS, "base_no_token": base, "base_with_token": base_token, "seeds": len(seeds),
                "sampling_steps": args.steps, "guidance_scale": args.guidance_scale, "curves": curves}

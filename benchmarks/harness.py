@@ -32,7 +32,7 @@ from torch import nn
 from filteratom_sd.core.adapter_file import save_adapter
 from filteratom_sd.core.api import fuse_adapter, load_adapter, unfuse_adapter, unload_adapter
 from filteratom_sd.core.inject import add_adapter, remove_adapter
-from filteratom_sd.core.layer import set_conv_path, set_weight_recompute
+from filteratom_sd.core.layer import set_train_path, set_weight_recompute
 from filteratom_sd.filter_atoms.cache import cache_key, decompose_unet
 from filteratom_sd.filter_atoms.config import FilterAtomConfig
 from filteratom_sd.filter_atoms.method import FilterAtomMethod, add_filter_atoms
@@ -67,7 +67,7 @@ class BenchSettings:
     threads: int | None = None
     channels_last: bool = False  # GPU only
     cudnn_benchmark: bool = False  # GPU only
-    conv_path: str = "auto"  # filter atoms' k x k training path: "auto", "taps" or "weight" (for ablations)
+    train_path: str = "auto"  # adapted layers' training path: "auto", "activations" or "weight" (for ablations)
     recompute_weights: bool = False  # rebuild each W_eff in the backward, as the trainer does with gradient checkpointing
     profile: bool = False  # add a torch.profiler table of one training step to the report
     cache_dir: str | None = None  # decomposition cache (a fresh temporary folder when None)
@@ -470,7 +470,7 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     start = time.perf_counter()
     params = harness.add(unet)
     out["inject_s"] = time.perf_counter() - start
-    set_conv_path(unet, settings.conv_path)
+    set_train_path(unet, settings.train_path)
     set_weight_recompute(unet, settings.recompute_weights or settings.gradient_checkpointing)
     out["trainable_params"] = sum(p.numel() for p in params)
     train_inputs = make_inputs(unet, settings, device, settings.batch_size)

@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
+from filteratom_sd.core.fast_paths import TRAIN_PATHS
+
 from benchmarks.harness import (
     ATTENTION,
     DTYPES,
@@ -58,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true", help="GPU only")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="GPU only")
-    parser.add_argument("--conv-path", choices=("auto", "taps", "weight"), default="auto",
-                        help="filter atoms' k x k training path (ablation)")
+    parser.add_argument("--train-path", choices=TRAIN_PATHS, default="auto",
+                        help="adapted layers' training path: through the activations, the weight, or the cheaper (ablation)")
     parser.add_argument("--recompute-weights", action="store_true",
                         help="rebuild each effective weight in the backward instead of keeping it (on with --gradient-checkpointing)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one training step")

@@ -10,7 +10,7 @@ from torch import nn
 
 from filteratom_sd import FilterAtomConfig, add_filter_atoms, fuse_adapter, set_adapter_scale, unfuse_adapter
 from filteratom_sd.filter_atoms.functional import atoms_from_gram, gram_matrix, svd_atoms
-from filteratom_sd.core.layer import AdaptedLayer, WeightDelta, set_conv_path, set_weight_cache, set_weight_recompute
+from filteratom_sd.core.layer import AdaptedLayer, WeightDelta, set_train_path, set_weight_cache, set_weight_recompute
 from filteratom_sd.filter_atoms.delta import AtomDelta
 from filteratom_sd.filter_atoms.decomposition import decompose_layer, decompose_layers
 
@@ -118,16 +118,16 @@ def test_no_cache_is_kept_in_training():
 # --------------------------------------------------------------------------- training: the rebuilt-weight backward
 
 
-PATHS = {  # (conv path, weight recompute): the fast training paths and plain autograd as the reference
-    "taps": ("taps", True),
+PATHS = {  # (training path, weight recompute): the fast training paths and plain autograd as the reference
+    "activations": ("activations", True),
     "rebuilt": ("weight", True),
     "plain": ("weight", False),
 }
 
 
 def use_path(unet, path):
-    conv_path, recompute = PATHS[path]
-    set_conv_path(unet, conv_path)
+    train_path, recompute = PATHS[path]
+    set_train_path(unet, train_path)
     set_weight_recompute(unet, recompute)
 
 
@@ -144,7 +144,7 @@ def gradients(unet, inputs, path, autocast_dtype=None):
     return out.detach(), grads, sample.grad.clone()
 
 
-@pytest.mark.parametrize("path", ["taps", "rebuilt"])
+@pytest.mark.parametrize("path", ["activations", "rebuilt"])
 @pytest.mark.parametrize("preset", ["C1", "C2", "C3", "C4"])
 def test_fast_training_paths_match_plain_autograd(preset, path):
     unet, inputs = adapted_unet(preset), make_inputs()
@@ -158,7 +158,7 @@ def test_fast_training_paths_match_plain_autograd(preset, path):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-7, rtol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["taps", "rebuilt"])
+@pytest.mark.parametrize("path", ["activations", "rebuilt"])
 def test_fast_training_paths_under_autocast(path):
     unet, inputs = adapted_unet("C2"), make_inputs()
     out, grads, _ = gradients(unet, inputs, path, autocast_dtype=torch.bfloat16)
@@ -187,16 +187,22 @@ def saved_weight_shapes(unet, inputs):
     return weight_shapes & set(saved)
 
 
-@pytest.mark.parametrize("path", ["taps", "rebuilt"])
+def inputs_unlike_weights():
+    """make_inputs with 12 x 12 latents: no activation's rows (2 x 144, 2 x 36, 2 x 9, 2 x 7) match a weight's shape."""
+    _, timesteps, text = make_inputs()
+    return torch.randn(2, 4, 12, 12, generator=torch.Generator().manual_seed(5)), timesteps, text
+
+
+@pytest.mark.parametrize("path", ["activations", "rebuilt"])
 def test_training_keeps_no_weight_sized_tensor_for_backward(path):
-    unet, inputs = adapted_unet("C2"), make_inputs()
+    unet, inputs = adapted_unet("C2"), inputs_unlike_weights()
     use_path(unet, path)
     assert not saved_weight_shapes(unet, inputs)
 
 
 def test_weight_recompute_is_off_by_default_and_switchable():
-    unet, inputs = adapted_unet("C2"), make_inputs()
-    set_conv_path(unet, "weight")
+    unet, inputs = adapted_unet("C2"), inputs_unlike_weights()
+    set_train_path(unet, "weight")
     assert saved_weight_shapes(unet, inputs)  # fast default: W_eff kept for the backward
     set_weight_recompute(unet, True)
     assert all(layer.recompute_weights for layer in adapted_layers(unet))

@@ -84,30 +84,52 @@ class RebuiltWeightOp(torch.autograd.Function):
         return (grad_x, None, None, *[next(found) if w else None for w in wanted])
 
 
+def tap_matrix(layer: Any, names: list[str]) -> Tensor:
+    """M = I + sum_n s_n T_n, shape (1 or c_in, d, d), in the updates' dtype: rows(W_eff) = rows(W) M."""
+    total = sum(layer.scales[n] * layer.deltas[n].tap_transform() for n in names)
+    return total + torch.eye(total.shape[-1], dtype=total.dtype, device=total.device)
+
+
+def _columns(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    # im2col: (B, c_in, d, P), the d = k*k taps of every output position
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    return cols.view(x.shape[0], x.shape[1], -1, cols.shape[-1])
+
+
+def _mix_taps(matrix: Tensor, cols: Tensor) -> Tensor:
+    # (matrix cols) per input channel: one shared d x d matrix as a single GEMM, per-channel ones batched
+    if matrix.shape[0] == 1:
+        return torch.einsum("st,bitp->bisp", matrix[0], cols)
+    return torch.matmul(matrix, cols)
+
+
 class TapConvOp(torch.autograd.Function):
     """A k x k conv whose updates transform every filter's taps: rows(W_eff) = rows(W) M, M = I + sum s T.
 
-    conv(x, W_eff) = conv1x1(depthwise(x, M), W as c_out x (c_in k^2)): the frozen W is used as
-    it is, so training never builds W_eff and never computes W's gradient; M's gradient comes
-    from the depthwise part, whose cost scales with the activations (c_in k^4 per position).
-    The kernels are built in the updates' dtype (fp32) and only then cast to the autocast dtype,
-    so the identity part of M does not round away a small update.
+    conv(x, W_eff) = W as c_out x (c_in k^2) times (M applied to the im2col columns of x): the frozen W
+    is used as it is, so training never builds W_eff and never computes W's gradient; M's gradient
+    comes from the columns, whose size is the activations' times k^2. Only x is kept for the
+    backward (the columns are rebuilt). M is built in the updates' dtype (fp32) and only then cast
+    to the autocast dtype, so its identity part does not round away a small update.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: Any, names: tuple[str, ...], *params: Tensor) -> Tensor:
         base = layer.base_layer
         with torch.autocast(x.device.type, enabled=False):
-            kernels = layer.tap_kernels(list(names))
+            matrix = tap_matrix(layer, list(names))
         dtype = autocast_dtype(x)
-        c_out, c_in = base.weight.shape[:2]
-        x, pointwise, bias = _cast(dtype, x, base.weight.reshape(c_out, -1, 1, 1), base.bias)
+        c_out = base.weight.shape[0]
+        x, weight, bias = _cast(dtype, x, base.weight.reshape(c_out, -1), base.bias)
         with torch.autocast(x.device.type, enabled=False):
-            taps = F.conv2d(x, kernels.to(x.dtype), None, base.stride, base.padding, base.dilation, c_in)
-            out = F.conv2d(taps, pointwise, bias)
+            cols = _columns(x, base)
+            taps = _mix_taps(matrix.to(x.dtype), cols).reshape(x.shape[0], weight.shape[1], -1)
+            out = torch.matmul(weight, taps)
+            if bias is not None:
+                out += bias[:, None]
         _keep_for_backward(ctx, layer, names, dtype, x, params)
-        ctx.taps_shape = taps.shape
-        return out
+        height = (x.shape[2] + 2 * base.padding[0] - base.dilation[0] * (base.kernel_size[0] - 1) - 1) // base.stride[0] + 1
+        return out.view(x.shape[0], c_out, height, -1)
 
     @staticmethod
     @once_differentiable
@@ -115,22 +137,117 @@ class TapConvOp(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         base = ctx.layer.base_layer
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            kernels = ctx.layer.tap_kernels(list(ctx.names))
-        c_out, c_in = base.weight.shape[:2]
-        pointwise = base.weight.reshape(c_out, -1, 1, 1).to(x.dtype)
-        grad_out = grad_out.to(x.dtype)
-        placeholder = grad_out.new_empty(1).expand(ctx.taps_shape)  # only its shape is read
-        grad_taps = torch.ops.aten.convolution_backward(
-            grad_out, placeholder, pointwise, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
-        )[0]
-        grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
-            grad_taps, x, kernels.detach().to(x.dtype), None, list(base.stride), list(base.padding),
-            list(base.dilation), False, [0, 0], c_in, [ctx.needs_input_grad[0], True, False],
-        )
+            matrix = tap_matrix(ctx.layer, list(ctx.names))
+        c_out = base.weight.shape[0]
+        weight = base.weight.reshape(c_out, -1).to(x.dtype)
+        cols = _columns(x, base)
+        grad_taps = torch.matmul(weight.t(), grad_out.to(x.dtype).reshape(x.shape[0], c_out, -1)).view(cols.shape)
+        shared = matrix.shape[0] == 1
+        grad_matrix = torch.einsum("bisp,bitp->st" if shared else "bisp,bitp->ist", grad_taps, cols)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_cols = _mix_taps(matrix.detach().to(x.dtype).mT, grad_taps)
+            grad_x = F.fold(grad_cols.reshape(x.shape[0], -1, cols.shape[-1]), x.shape[2:], base.kernel_size,
+                            base.dilation, base.padding, base.stride)
         wanted = ctx.needs_input_grad[3:]
-        found = iter(torch.autograd.grad([kernels], [p for p, w in zip(params, wanted) if w],
-                                         [grad_kernels.to(kernels.dtype)], allow_unused=True))
+        found = iter(torch.autograd.grad([matrix], [p for p, w in zip(params, wanted) if w],
+                                         [grad_matrix.reshape(matrix.shape).to(matrix.dtype)], allow_unused=True))
         return (grad_x, None, None, *[next(found) if w else None for w in wanted])
+
+
+def _tokens(x: Tensor, layer: Any) -> Tensor:
+    # (n, c_in) rows: a linear's input as it is, a 1x1 conv's channels moved last
+    if isinstance(layer.base_layer, nn.Conv2d):
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).contiguous()
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _block_factors(layer: Any, names: tuple[str, ...], dtype: torch.dtype) -> list[tuple[float, Tensor, Tensor]]:
+    return [(layer.scales[n], *(t.to(dtype) for t in layer.deltas[n].block_factors())) for n in names]
+
+
+class BlockLinearOp(torch.autograd.Function):
+    """A linear / 1x1 conv whose updates are Kronecker sums dW = sum_l alpha_l kron dD_l, alpha frozen.
+
+    dW x is computed from the activations, block by block: u = x dD^T per input block, then alpha
+    mixes the blocks in one GEMM, so training never builds dW nor computes W's gradient. It costs
+    about 3 n m / kc multiply-adds per weight entry for n rows of x (against 2 m + n for building dW
+    and its gradient), so it is taken for few rows: small latents, the time embedding.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: Any, names: tuple[str, ...], *params: Tensor) -> Tensor:
+        base = layer.base_layer
+        dtype = autocast_dtype(x)
+        c_out = base.weight.shape[0]
+        rows, weight, bias = _cast(dtype, _tokens(x, layer), base.weight.reshape(c_out, -1), base.bias)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(rows, weight, bias)
+            for scale, alpha, atoms in _block_factors(layer, names, rows.dtype):
+                (a, b, m), (_, p, q) = alpha.shape, atoms.shape
+                mixed = (rows.view(-1, q) @ atoms.reshape(m * p, q).t()).view(rows.shape[0], b * m, p)
+                out.view(-1, a, p).add_(torch.matmul(alpha.reshape(a, b * m), mixed), alpha=scale)
+        _keep_for_backward(ctx, layer, names, dtype, rows, params)
+        ctx.input_shape = x.shape
+        if isinstance(base, nn.Conv2d):
+            return out.view(x.shape[0], x.shape[2], x.shape[3], c_out).permute(0, 3, 1, 2)
+        return out.view(*x.shape[:-1], c_out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        rows, *params = ctx.saved_tensors
+        layer, n = ctx.layer, rows.shape[0]
+        base = layer.base_layer
+        c_out = base.weight.shape[0]
+        with torch.enable_grad(), torch.autocast(rows.device.type, enabled=False):
+            factors = [layer.deltas[name].block_factors()[1] for name in ctx.names]
+        grad = _tokens(grad_out.to(rows.dtype), layer)
+        grad_x = grad @ base.weight.reshape(c_out, -1).to(rows.dtype) if ctx.needs_input_grad[0] else None
+        grad_atoms = []
+        for scale, alpha, atoms in _block_factors(layer, ctx.names, rows.dtype):
+            (a, b, m), (_, p, q) = alpha.shape, atoms.shape
+            grad_mixed = torch.matmul(alpha.reshape(a, b * m).t(), grad.view(n, a, p)).view(n * b, m * p)
+            grad_atoms.append((scale * (grad_mixed.t() @ rows.view(n * b, q))).view(m, p, q))
+            if grad_x is not None:
+                grad_x.view(n * b, q).add_(grad_mixed @ atoms.reshape(m * p, q), alpha=scale)
+        if grad_x is not None:
+            shape = ctx.input_shape
+            grad_x = (grad_x.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+                      if isinstance(base, nn.Conv2d) else grad_x.view(shape))
+        wanted = ctx.needs_input_grad[3:]
+        found = iter(torch.autograd.grad(factors, [p for p, w in zip(params, wanted) if w],
+                                         [g.to(f.dtype) for g, f in zip(grad_atoms, factors)], allow_unused=True))
+        return (grad_x, None, None, *[next(found) if w else None for w in wanted])
+
+
+TRAIN_PATHS = ("auto", "activations", "weight")
+# Weight-sized memory passes of the weight path (build dW, keep W_eff, its gradient), in multiply-adds per entry.
+_WEIGHT_PASSES = 16
+
+
+def activation_op(layer: Any, x: Tensor, names: list[str]) -> type[torch.autograd.Function] | None:
+    """The op that trains `layer` through its activations (`TapConvOp`, `BlockLinearOp`), or None.
+
+    None means the weight path (build W_eff, let autograd take W_eff's gradient): the layer's
+    `train_path` asks for it, an update does not have the needed form, or under "auto" it costs less.
+    """
+    if layer.train_path == "weight":
+        return None
+    base, deltas = layer.base_layer, [layer.deltas[n] for n in names]
+    conv = isinstance(base, nn.Conv2d)
+    if conv and base.groups == 1 and all(getattr(d, "supports_taps", False) for d in deltas):
+        taps = base.kernel_size[0] * base.kernel_size[1]
+        cheap = x.numel() * taps <= base.weight.numel() * base.stride[0] * base.stride[1]
+        return TapConvOp if cheap or layer.train_path == "activations" else None
+    pointwise = not conv or (base.kernel_size == (1, 1) and base.stride == (1, 1) and base.padding == (0, 0)
+                             and base.groups == 1)
+    if pointwise and all(getattr(d, "supports_blocks", False) for d in deltas):
+        rows = x.numel() // base.weight.shape[1]
+        costs = [(alpha.shape[2], atoms.shape[2]) for alpha, atoms in (d.block_factors() for d in deltas)]
+        cheap = sum(3 * rows * m / q for m, q in costs) <= rows + _WEIGHT_PASSES + sum(2 * m for m, _ in costs)
+        return BlockLinearOp if cheap or layer.train_path == "activations" else None
+    return None
 
 
 def _op_backward(base: nn.Module, grad_out: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_b: bool):

@@ -1,15 +1,17 @@
 """Layers that add weight updates to a frozen `nn.Conv2d` / `nn.Linear`.
 
 An `AdaptedLayer` wraps one base layer and holds any number of named
-`WeightDelta` modules. Its forward runs ONE convolution / matmul with the
-effective weight W + sum_n s_n * dW_n, so an adapted layer costs one weight
-build per step, never a second convolution. `merge` writes the effective
+`WeightDelta` modules. Its forward runs ONE convolution / matmul, with the
+effective weight W + sum_n s_n * dW_n or (training, see below) with W and the
+updates applied to its input, never a second convolution. `merge` writes the effective
 weight into the base layer (keeping an exact copy of W), `unmerge` restores it
 bit for bit.
 
 Where the cost goes (docs/performance.md has the measurements):
-- training: each update adds itself to W in one fused kernel where it can
-  (`WeightDelta.add_to`); the effective weight is kept from forward to backward,
+- training: where the updates' form allows it and it costs less (few activation rows: small latents,
+  the time embedding), the update goes through the activations and W_eff is never built
+  (`fast_paths.activation_op`); otherwise each update adds itself to W in one fused kernel where it
+  can (`WeightDelta.add_to`) and the effective weight is kept from forward to backward,
   or, with `set_weight_recompute` (turned on by gradient checkpointing), rebuilt in
   the backward so that no layer holds a second weight-sized tensor while the rest
   of the network runs (the autograd ops are in `fast_paths`);
@@ -21,7 +23,7 @@ Where the cost goes (docs/performance.md has the measurements):
 
 `AdaptedNorm` is the same wrapper around a GroupNorm / LayerNorm's affine parameters.
 The switches are per layer, set model-wide by `set_weight_recompute`, `set_weight_cache`
-and `set_conv_path`.
+and `set_train_path`.
 """
 
 from __future__ import annotations
@@ -34,9 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .fast_paths import RebuiltWeightOp, TapConvOp, is_compiling
+from .fast_paths import TRAIN_PATHS, RebuiltWeightOp, activation_op, is_compiling
 
-CONV_PATHS = ("auto", "taps", "weight")
 # Foreign wrappers (peft's layers) that we fuse keep (weight, bias) of their base here for an exact unfuse.
 FUSE_BACKUP_ATTR = "filteratom_fuse_backup"
 OFFLOADED = ("This UNet's weights are on the meta device, where sequential CPU offload keeps them: load adapters and call "
@@ -77,6 +78,9 @@ class WeightDelta(nn.Module):
     # Updates of k x k convs with dW = rows(W) T (a d x d transform of each filter's taps, or one
     # per input channel) set `supports_taps` and implement `tap_transform()` -> (1 or c_in, d, d).
     supports_taps: bool = False
+    # Updates of linear / 1x1 layers with dW = sum_l alpha_l kron dD_l and alpha frozen set `supports_blocks`
+    # and implement `block_factors()` -> (alpha (a, b, m), dD (m, p, q)).
+    supports_blocks: bool = False
 
 
 class AdaptedLayer(nn.Module):
@@ -90,10 +94,9 @@ class AdaptedLayer(nn.Module):
         self.recompute_weights = False
         # In eval mode without gradients, reuse W_eff until the updates, scales or base weight change.
         self.cache_weights = True
-        # Training path of a k x k conv whose updates all transform filter taps (`WeightDelta.tap_transform`):
-        # "taps" feeds the update through the activations (no W_eff, no weight gradient), "weight" builds
-        # W_eff, "auto" takes "taps" when the 9x-channel tap tensor is no larger than the weight.
-        self.conv_path = "auto"
+        # Training path: "activations" feeds the updates through the activations when their form allows it
+        # (`fast_paths.activation_op`: no W_eff, no weight gradient), "weight" builds W_eff, "auto" picks the cheaper.
+        self.train_path = "auto"
         self.base_layer = base_layer
         self.deltas = nn.ModuleDict()
         self.scales: dict[str, float] = {}
@@ -216,25 +219,6 @@ class AdaptedLayer(nn.Module):
             return base.padding_mode == "zeros" and not isinstance(base.padding, str)
         return True
 
-    def _use_taps(self, x: Tensor, names: list[str]) -> bool:
-        base = self.base_layer
-        if self.conv_path == "weight" or not isinstance(base, nn.Conv2d):
-            return False
-        if not all(getattr(self.deltas[n], "supports_taps", False) for n in names):
-            return False
-        if self.conv_path == "taps":
-            return True
-        taps = base.kernel_size[0] * base.kernel_size[1]
-        return x.numel() * taps <= base.weight.numel() * base.stride[0] * base.stride[1]
-
-    def tap_kernels(self, names: list[str]) -> Tensor:
-        """Depthwise kernels (c_in * k^2, 1, k, k) of M = I + sum s_n T_n, in the updates' dtype."""
-        weight = self.base_layer.weight
-        c_in, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
-        total = sum(self.scales[n] * self.deltas[n].tap_transform() for n in names)
-        eye = torch.eye(kh * kw, dtype=total.dtype, device=total.device)
-        return (total + eye).expand(c_in, kh * kw, kh * kw).reshape(c_in * kh * kw, 1, kh, kw)
-
     def _cache_key(self, names: list[str]) -> tuple | None:
         try:
             weight = self.base_layer.weight
@@ -274,8 +258,9 @@ class AdaptedLayer(nn.Module):
         params = self._trainable(names) if torch.is_grad_enabled() else []
         if params:
             self._cached = None  # training: a cached weight would be stale after the next optimizer step
-            if self._can_recompute() and self._use_taps(x, names):
-                return TapConvOp.apply(x, self, tuple(names), *params)
+            op = activation_op(self, x, names) if self._can_recompute() else None
+            if op is not None:
+                return op.apply(x, self, tuple(names), *params)
             if self.recompute_weights and self._can_recompute():
                 return RebuiltWeightOp.apply(x, self, tuple(names), *params)
             weight, bias = self.effective_weight_and_bias(names)
@@ -367,12 +352,12 @@ def set_weight_cache(model: nn.Module, enabled: bool) -> None:
         layer.clear_cache()
 
 
-def set_conv_path(model: nn.Module, path: str) -> None:
-    """Training path of the adapted k x k convs of `model`: "auto" (default), "taps" or "weight"."""
-    if path not in CONV_PATHS:
-        raise ConfigError(f"Unknown conv path {path!r}; choose one of: {', '.join(CONV_PATHS)}.")
+def set_train_path(model: nn.Module, path: str) -> None:
+    """Training path of the adapted layers of `model`: "auto" (default), "activations" or "weight"."""
+    if path not in TRAIN_PATHS:
+        raise ConfigError(f"Unknown training path {path!r}; choose one of: {', '.join(TRAIN_PATHS)}.")
     for layer in adapted_layers(model):
-        layer.conv_path = path
+        layer.train_path = path
 
 
 def unmerged_weight(module: nn.Module) -> Tensor:

@@ -133,6 +133,15 @@ class AtomDelta(WeightDelta):
             return self._projector() @ change.reshape(-1, m, p * q)
         return (self._projector() @ self.delta_atoms.reshape(m, p * q)).unsqueeze(0)
 
+    @property
+    def supports_blocks(self) -> bool:  # type: ignore[override]
+        """Kronecker blocks with stored, frozen alpha and plain atoms: dW = sum_l alpha_l kron dD_l."""
+        return self.layout == "blocks" and not self.derived and self.delta_alpha is None and not self.overcomplete
+
+    def block_factors(self) -> tuple[Tensor, Tensor]:
+        """(alpha (a, b, m), dD (m, kc_out, kc)) of the Kronecker form."""
+        return self._alpha, self.delta_atoms
+
     def _projector(self) -> Tensor:
         # pinv(D0) (d x m), recomputed only when the atoms change (loading a state dict replaces them).
         atoms = self.atoms0

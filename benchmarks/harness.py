@@ -12,6 +12,7 @@ The functions return plain dicts; printing and files are the script's job.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -165,6 +166,14 @@ def timed(device: torch.device, fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def _return_free_heap() -> None:
+    """Hand glibc's free heap pages back to the OS (malloc_trim); nothing where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of one phase: CUDA max allocated, or the process's RSS high-water mark on the CPU.
 
@@ -183,6 +192,7 @@ class PeakMemory:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _return_free_heap()  # freed memory of earlier phases (a decomposition) would otherwise still count as resident
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:

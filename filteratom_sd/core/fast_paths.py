@@ -6,7 +6,7 @@ Each op takes the layer as an argument and calls its public methods (`effective_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,10 +97,16 @@ def _columns(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 def _mix_taps(matrix: Tensor, cols: Tensor) -> Tensor:
-    # (matrix cols) per input channel: one shared d x d matrix as a single GEMM, per-channel ones batched
-    if matrix.shape[0] == 1:
-        return torch.einsum("st,bitp->bisp", matrix[0], cols)
+    # (matrix cols) per input channel, contiguous; for a few positions one GEMM over permuted columns beats
+    # thousands of tiny batched ones (measured on the CPU: 16 positions is where they break even)
+    if matrix.shape[0] == 1 and cols.shape[-1] < 16:
+        return torch.einsum("st,bitp->bisp", matrix[0], cols).contiguous()
     return torch.matmul(matrix, cols)
+
+
+def _conv_gemm(weight: Tensor, taps: Tensor) -> Tensor:
+    # W (c_out, K) times the mixed columns (B, K, P): one GEMM per image, a plain mm for one image
+    return (weight @ taps[0]).unsqueeze(0) if taps.shape[0] == 1 else torch.matmul(weight, taps)
 
 
 class TapConvOp(torch.autograd.Function):
@@ -108,87 +114,95 @@ class TapConvOp(torch.autograd.Function):
 
     conv(x, W_eff) = W as c_out x (c_in k^2) times (M applied to the im2col columns of x): the frozen W
     is used as it is, so training never builds W_eff and never computes W's gradient; M's gradient
-    comes from the columns, whose size is the activations' times k^2. Only x is kept for the
-    backward (the columns are rebuilt). M is built in the updates' dtype (fp32) and only then cast
-    to the autocast dtype, so its identity part does not round away a small update.
+    comes from the columns, whose size is the activations' times k^2. Only x and the small M are kept
+    for the backward (the columns are rebuilt); autograd takes M's gradient on to the updates.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: Any, names: tuple[str, ...], *params: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, matrix: Tensor, layer: Any) -> Tensor:
         base = layer.base_layer
-        with torch.autocast(x.device.type, enabled=False):
-            matrix = tap_matrix(layer, list(names))
         dtype = autocast_dtype(x)
         c_out = base.weight.shape[0]
         x, weight, bias = _cast(dtype, x, base.weight.reshape(c_out, -1), base.bias)
         with torch.autocast(x.device.type, enabled=False):
             cols = _columns(x, base)
-            taps = _mix_taps(matrix.to(x.dtype), cols).reshape(x.shape[0], weight.shape[1], -1)
-            out = torch.matmul(weight, taps)
+            out = _conv_gemm(weight, _mix_taps(matrix.to(x.dtype), cols).reshape(x.shape[0], weight.shape[1], -1))
             if bias is not None:
                 out += bias[:, None]
-        _keep_for_backward(ctx, layer, names, dtype, x, params)
+        ctx.layer = layer
+        ctx.save_for_backward(x, matrix)
         height = (x.shape[2] + 2 * base.padding[0] - base.dilation[0] * (base.kernel_size[0] - 1) - 1) // base.stride[0] + 1
         return out.view(x.shape[0], c_out, height, -1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        x, *params = ctx.saved_tensors
+        x, matrix = ctx.saved_tensors
         base = ctx.layer.base_layer
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            matrix = tap_matrix(ctx.layer, list(ctx.names))
         c_out = base.weight.shape[0]
-        weight = base.weight.reshape(c_out, -1).to(x.dtype)
         cols = _columns(x, base)
-        grad_taps = torch.matmul(weight.t(), grad_out.to(x.dtype).reshape(x.shape[0], c_out, -1)).view(cols.shape)
+        grad = grad_out.to(x.dtype).reshape(x.shape[0], c_out, -1)
+        grad_taps = _conv_gemm(base.weight.reshape(c_out, -1).to(x.dtype).t(), grad).view(cols.shape)
         shared = matrix.shape[0] == 1
         grad_matrix = torch.einsum("bisp,bitp->st" if shared else "bisp,bitp->ist", grad_taps, cols)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_cols = _mix_taps(matrix.detach().to(x.dtype).mT, grad_taps)
+            grad_cols = _mix_taps(matrix.to(x.dtype).mT, grad_taps)
             grad_x = F.fold(grad_cols.reshape(x.shape[0], -1, cols.shape[-1]), x.shape[2:], base.kernel_size,
                             base.dilation, base.padding, base.stride)
-        wanted = ctx.needs_input_grad[3:]
-        found = iter(torch.autograd.grad([matrix], [p for p, w in zip(params, wanted) if w],
-                                         [grad_matrix.reshape(matrix.shape).to(matrix.dtype)], allow_unused=True))
-        return (grad_x, None, None, *[next(found) if w else None for w in wanted])
+        return grad_x, grad_matrix.reshape(matrix.shape).to(matrix.dtype), None
+
+
+def tap_conv(x: Tensor, layer: Any, names: list[str]) -> Tensor:
+    """The layer's conv with its tap-transform updates, through `TapConvOp`.
+
+    M is built in the updates' dtype (fp32) and only cast to the autocast dtype inside the op, so its
+    identity part does not round away a small update.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        matrix = tap_matrix(layer, names)
+    return TapConvOp.apply(x, matrix, layer)
 
 
 def _tokens(x: Tensor, layer: Any) -> Tensor:
-    # (n, c_in) rows: a linear's input as it is, a 1x1 conv's channels moved last
+    # (n, c_in) contiguous rows: a linear's input as it is, a 1x1 conv's channels moved last
     if isinstance(layer.base_layer, nn.Conv2d):
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).contiguous()
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _block_factors(layer: Any, names: tuple[str, ...], dtype: torch.dtype) -> list[tuple[float, Tensor, Tensor]]:
-    return [(layer.scales[n], *(t.to(dtype) for t in layer.deltas[n].block_factors())) for n in names]
+def _by_block(rows: Tensor, b: int) -> Tensor:
+    # (n, b * q) rows -> (b * n, q): each input block's rows together
+    return rows.view(rows.shape[0], b, -1).transpose(0, 1).reshape(-1, rows.shape[1] // b)
 
 
 class BlockLinearOp(torch.autograd.Function):
     """A linear / 1x1 conv whose updates are Kronecker sums dW = sum_l alpha_l kron dD_l, alpha frozen.
 
-    dW x is computed from the activations, block by block: u = x dD^T per input block, then alpha
-    mixes the blocks in one GEMM, so training never builds dW nor computes W's gradient. It costs
-    about 3 n m / kc multiply-adds per weight entry for n rows of x (against 2 m + n for building dW
-    and its gradient), so it is taken for few rows: small latents, the time embedding.
+    dW x is computed from the activations: every input block times every dD_l (one batched GEMM over
+    the m atoms), then alpha mixes blocks and atoms in one GEMM, so training never builds dW nor
+    computes W's gradient. That costs about 3 n m / kc multiply-adds per weight entry for n rows of
+    x (against 2 m + n for building dW and its gradient), so it pays for few rows: small latents,
+    the time embedding. Inputs after x: the layer, the scales, then (alpha as (a, m b), dD) per update.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: Any, names: tuple[str, ...], *params: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, layer: Any, scales: tuple[float, ...], *factors: Tensor) -> Tensor:
         base = layer.base_layer
         dtype = autocast_dtype(x)
         c_out = base.weight.shape[0]
         rows, weight, bias = _cast(dtype, _tokens(x, layer), base.weight.reshape(c_out, -1), base.bias)
+        n = rows.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(rows, weight, bias)
-            for scale, alpha, atoms in _block_factors(layer, names, rows.dtype):
-                (a, b, m), (_, p, q) = alpha.shape, atoms.shape
-                mixed = (rows.view(-1, q) @ atoms.reshape(m * p, q).t()).view(rows.shape[0], b * m, p)
-                out.view(-1, a, p).add_(torch.matmul(alpha.reshape(a, b * m), mixed), alpha=scale)
-        _keep_for_backward(ctx, layer, names, dtype, rows, params)
-        ctx.input_shape = x.shape
+            for scale, mixing, atoms in zip(scales, factors[::2], factors[1::2]):
+                a, (m, p) = mixing.shape[0], atoms.shape[:2]
+                b = mixing.shape[1] // m
+                mixed = torch.matmul(_by_block(rows, b), atoms.to(rows.dtype).mT)  # (m, b n, p)
+                update = mixing.to(rows.dtype) @ mixed.view(m * b, n * p)  # (a, n p)
+                out.view(n, a, p).add_(update.view(a, n, p).transpose(0, 1), alpha=scale)
+        ctx.layer, ctx.scales, ctx.input_shape = layer, scales, x.shape
+        ctx.save_for_backward(rows, *factors)
         if isinstance(base, nn.Conv2d):
             return out.view(x.shape[0], x.shape[2], x.shape[3], c_out).permute(0, 3, 1, 2)
         return out.view(*x.shape[:-1], c_out)
@@ -196,57 +210,66 @@ class BlockLinearOp(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        rows, *params = ctx.saved_tensors
-        layer, n = ctx.layer, rows.shape[0]
-        base = layer.base_layer
-        c_out = base.weight.shape[0]
-        with torch.enable_grad(), torch.autocast(rows.device.type, enabled=False):
-            factors = [layer.deltas[name].block_factors()[1] for name in ctx.names]
-        grad = _tokens(grad_out.to(rows.dtype), layer)
-        grad_x = grad @ base.weight.reshape(c_out, -1).to(rows.dtype) if ctx.needs_input_grad[0] else None
-        grad_atoms = []
-        for scale, alpha, atoms in _block_factors(layer, ctx.names, rows.dtype):
-            (a, b, m), (_, p, q) = alpha.shape, atoms.shape
-            grad_mixed = torch.matmul(alpha.reshape(a, b * m).t(), grad.view(n, a, p)).view(n * b, m * p)
-            grad_atoms.append((scale * (grad_mixed.t() @ rows.view(n * b, q))).view(m, p, q))
-            if grad_x is not None:
-                grad_x.view(n * b, q).add_(grad_mixed @ atoms.reshape(m * p, q), alpha=scale)
+        rows, *factors = ctx.saved_tensors
+        base = ctx.layer.base_layer
+        n, c_out = rows.shape[0], base.weight.shape[0]
+        grad = _tokens(grad_out.to(rows.dtype), ctx.layer)
+        need_x = ctx.needs_input_grad[0]
+        grad_x = grad @ base.weight.reshape(c_out, -1).to(rows.dtype) if need_x else None
+        grads: list[Tensor | None] = []
+        for scale, mixing, atoms in zip(ctx.scales, factors[::2], factors[1::2]):
+            a, (m, p) = mixing.shape[0], atoms.shape[:2]
+            b = mixing.shape[1] // m
+            by_output = grad.view(n, a, p).transpose(0, 1).reshape(a, n * p)
+            grad_mixed = (mixing.to(rows.dtype).t() @ by_output).view(m, b * n, p)
+            by_block = _by_block(rows, b)
+            grads += [None, (scale * grad_mixed.mT @ by_block).to(atoms.dtype)]
+            if need_x:
+                grad_blocks = (grad_mixed @ atoms.to(rows.dtype)).sum(0)  # (b n, q)
+                grad_x.view(n, b, -1).add_(grad_blocks.view(b, n, -1).transpose(0, 1), alpha=scale)
         if grad_x is not None:
             shape = ctx.input_shape
             grad_x = (grad_x.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
                       if isinstance(base, nn.Conv2d) else grad_x.view(shape))
-        wanted = ctx.needs_input_grad[3:]
-        found = iter(torch.autograd.grad(factors, [p for p, w in zip(params, wanted) if w],
-                                         [g.to(f.dtype) for g, f in zip(grad_atoms, factors)], allow_unused=True))
-        return (grad_x, None, None, *[next(found) if w else None for w in wanted])
+        return (grad_x, None, None, *grads)
+
+
+def block_linear(x: Tensor, layer: Any, names: list[str]) -> Tensor:
+    """The layer's linear / 1x1 conv with its Kronecker-block updates, through `BlockLinearOp`."""
+    factors = [t for n in names for t in layer.deltas[n].block_factors()]
+    return BlockLinearOp.apply(x, layer, tuple(layer.scales[n] for n in names), *factors)
 
 
 TRAIN_PATHS = ("auto", "activations", "weight")
 # Weight-sized memory passes of the weight path (build dW, keep W_eff, its gradient), in multiply-adds per entry.
 _WEIGHT_PASSES = 16
+# Below this many weight entries the activation paths' extra kernel calls cost more than they save (CPU, measured:
+# on the bundled model, whose largest layer has 37k entries, the weight path trains 1.2x faster).
+MIN_ACTIVATION_PATH_ENTRIES = 1 << 18
 
 
-def activation_op(layer: Any, x: Tensor, names: list[str]) -> type[torch.autograd.Function] | None:
-    """The op that trains `layer` through its activations (`TapConvOp`, `BlockLinearOp`), or None.
+def activation_op(layer: Any, x: Tensor, names: list[str]) -> Callable[[Tensor, Any, list[str]], Tensor] | None:
+    """The function that trains `layer` through its activations (`tap_conv`, `block_linear`), or None.
 
     None means the weight path (build W_eff, let autograd take W_eff's gradient): the layer's
-    `train_path` asks for it, an update does not have the needed form, or under "auto" it costs less.
+    `train_path` asks for it, an update does not have the needed form, or under "auto" it costs less
+    (small layers, or many activation rows).
     """
-    if layer.train_path == "weight":
-        return None
     base, deltas = layer.base_layer, [layer.deltas[n] for n in names]
+    if layer.train_path == "weight" or (layer.train_path == "auto" and base.weight.numel() < MIN_ACTIVATION_PATH_ENTRIES):
+        return None
     conv = isinstance(base, nn.Conv2d)
     if conv and base.groups == 1 and all(getattr(d, "supports_taps", False) for d in deltas):
         taps = base.kernel_size[0] * base.kernel_size[1]
         cheap = x.numel() * taps <= base.weight.numel() * base.stride[0] * base.stride[1]
-        return TapConvOp if cheap or layer.train_path == "activations" else None
+        return tap_conv if cheap or layer.train_path == "activations" else None
     pointwise = not conv or (base.kernel_size == (1, 1) and base.stride == (1, 1) and base.padding == (0, 0)
                              and base.groups == 1)
     if pointwise and all(getattr(d, "supports_blocks", False) for d in deltas):
         rows = x.numel() // base.weight.shape[1]
-        costs = [(alpha.shape[2], atoms.shape[2]) for alpha, atoms in (d.block_factors() for d in deltas)]
+        costs = [(atoms.shape[0], atoms.shape[2]) for _, atoms in (d.block_factors() for d in deltas)]
         cheap = sum(3 * rows * m / q for m, q in costs) <= rows + _WEIGHT_PASSES + sum(2 * m for m, _ in costs)
-        return BlockLinearOp if cheap or layer.train_path == "activations" else None
+        return block_linear if cheap or layer.train_path == "activations" else None
     return None
 
 

@@ -79,7 +79,7 @@ class WeightDelta(nn.Module):
     # per input channel) set `supports_taps` and implement `tap_transform()` -> (1 or c_in, d, d).
     supports_taps: bool = False
     # Updates of linear / 1x1 layers with dW = sum_l alpha_l kron dD_l and alpha frozen set `supports_blocks`
-    # and implement `block_factors()` -> (alpha (a, b, m), dD (m, p, q)).
+    # and implement `block_factors()` -> (alpha as an (a, m b) matrix, dD (m, p, q)).
     supports_blocks: bool = False
 
 
@@ -258,9 +258,9 @@ class AdaptedLayer(nn.Module):
         params = self._trainable(names) if torch.is_grad_enabled() else []
         if params:
             self._cached = None  # training: a cached weight would be stale after the next optimizer step
-            op = activation_op(self, x, names) if self._can_recompute() else None
-            if op is not None:
-                return op.apply(x, self, tuple(names), *params)
+            through_activations = activation_op(self, x, names) if self._can_recompute() else None
+            if through_activations is not None:
+                return through_activations(x, self, names)
             if self.recompute_weights and self._can_recompute():
                 return RebuiltWeightOp.apply(x, self, tuple(names), *params)
             weight, bias = self.effective_weight_and_bias(names)

@@ -62,6 +62,10 @@ class AtomDelta(WeightDelta):
         self.layout = layout
         self.overcomplete_init = overcomplete_init
         self.coefficient_shape = tuple(int(v) for v in (coefficient_shape if alpha is None else alpha.shape[:2]))
+        if alpha is not None and layout == "blocks":
+            # stored in (a, m, b) memory order and seen as (a, b, m): the activation path reads it as one
+            # (a, m b) matrix without a copy (`block_factors`)
+            alpha = alpha.to(dtype).permute(0, 2, 1).contiguous().permute(0, 2, 1)
         self.register_buffer("_alpha", None if alpha is None else alpha.to(dtype), persistent=False)
         self.register_buffer("atoms0", atoms0.to(dtype))
         m, p, q = atoms0.shape
@@ -139,8 +143,9 @@ class AtomDelta(WeightDelta):
         return self.layout == "blocks" and not self.derived and self.delta_alpha is None and not self.overcomplete
 
     def block_factors(self) -> tuple[Tensor, Tensor]:
-        """(alpha (a, b, m), dD (m, kc_out, kc)) of the Kronecker form."""
-        return self._alpha, self.delta_atoms
+        """(alpha as an (a, m b) matrix, dD (m, kc_out, kc)) of the Kronecker form."""
+        alpha = self._alpha
+        return alpha.permute(0, 2, 1).reshape(alpha.shape[0], -1), self.delta_atoms
 
     def _projector(self) -> Tensor:
         # pinv(D0) (d x m), recomputed only when the atoms change (loading a state dict replaces them).

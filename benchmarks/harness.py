@@ -32,6 +32,7 @@ from torch import nn
 
 from filteratom_sd.core.adapter_file import save_adapter
 from filteratom_sd.core.api import fuse_adapter, load_adapter, unfuse_adapter, unload_adapter
+from filteratom_sd.core.fingerprint import forget_signatures
 from filteratom_sd.core.inject import add_adapter, remove_adapter
 from filteratom_sd.core.layer import set_train_path, set_weight_recompute
 from filteratom_sd.filter_atoms.cache import cache_key, decompose_unet
@@ -546,6 +547,7 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
             base.extend(sample_times()[1])
             if path is None:
                 continue
+            forget_signatures()  # the load pays for reading the base's fingerprint, as in a fresh process
             loads.append(timed(device, lambda: harness.load(unet, path)))
             first, times = sample_times()
             unfused_first.append(first)

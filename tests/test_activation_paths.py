@@ -114,3 +114,44 @@ def test_updates_of_other_forms_keep_the_weight_path():
     grouped.add_delta("a", atom_delta(grouped.base_layer.weight, "conv", 1))
     grouped.train_path = "activations"
     assert activation_op(grouped, torch.randn(1, 8, 2, 2), ["a"]) is None
+
+
+@pytest.mark.parametrize("case", ["linear", "pointwise", "conv"])
+def test_sampling_on_the_cpu_goes_through_the_activations_and_matches_the_cached_weight(case, monkeypatch):
+    torch.manual_seed(0)
+    base, layout, x = {
+        "linear": (nn.Linear(32, 48), "blocks", torch.randn(2, 5, 32)),
+        "pointwise": (nn.Conv2d(32, 16, 1), "blocks", torch.randn(2, 32, 3, 5)),
+        "conv": (nn.Conv2d(6, 8, 3, stride=2, padding=1), "conv", torch.randn(2, 6, 7, 9)),
+    }[case]
+    layer = adapted(base, layout, seeds=[1, 2], scales=[0.7, -1.3]).eval()
+    builds = []
+    build = AdaptedLayer.effective_weight_and_bias
+    monkeypatch.setattr(AdaptedLayer, "effective_weight_and_bias", lambda self, *a: builds.append(1) or build(self, *a))
+    with torch.no_grad():
+        layer.train_path = "weight"
+        cached = layer(x)
+        assert layer._cached is not None
+        assert len(builds) == 1
+        layer.train_path = "activations"
+        through = layer(x)
+        assert len(builds) == 1  # no W_eff built ...
+        assert layer._cached is None  # ... and the cached one dropped: nothing weight-sized stays resident
+    torch.testing.assert_close(through, cached, atol=1e-5 * cached.abs().max(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv"])
+def test_weights_built_without_gradients_in_chunks_match_the_autograd_build(case, monkeypatch):
+    from filteratom_sd.filter_atoms import delta as delta_module
+
+    monkeypatch.setattr(delta_module, "_CHUNK_ELEMENTS", 100)  # many chunks, one of them short
+    torch.manual_seed(0)
+    base, layout = (nn.Linear(48, 80), "blocks") if case == "linear" else (nn.Conv2d(6, 11, 3), "conv")
+    layer = adapted(base, layout, seeds=[1, 2], scales=[0.7, -1.3])
+    with torch.no_grad():
+        chunked, _ = layer.effective_weight_and_bias()
+    whole, _ = layer.effective_weight_and_bias()  # trainable atoms: one autograd expression, no chunks
+    assert whole.requires_grad and not chunked.requires_grad
+    torch.testing.assert_close(chunked, whole.detach(), atol=0, rtol=0)
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight, whole.detach(), atol=0, rtol=0)

@@ -40,3 +40,20 @@ def test_half_precision_matches_and_other_weights_do_not():
     unet.conv.float()
     unet.conv.weight.data = weight + 0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(2))
     assert fp.mismatched_layers(reference, fp.fingerprint(unet, ["conv"])) == ["conv"]
+
+
+def test_fingerprint_reuses_a_signature_until_the_weight_changes(monkeypatch):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    calls = []
+    monkeypatch.setattr(fp, "weight_signature", lambda w: calls.append(1) or reference_signature(w))
+    first = fp.fingerprint(model, ["0", "1"])
+    assert len(calls) == 2
+    assert fp.fingerprint(model, ["0", "1"]) == first and len(calls) == 2  # both reused
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # in place: the version counter moves
+    edited = fp.fingerprint(model, ["0", "1"])
+    assert len(calls) == 3 and edited["layers"]["0"][0] == pytest.approx(2 * first["layers"]["0"][0])
+    model[1].weight.data = torch.zeros(4, 8)  # new storage under the same parameter
+    assert fp.fingerprint(model, ["0", "1"])["layers"]["1"][0] == 0.0 and len(calls) == 4

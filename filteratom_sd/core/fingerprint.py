@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -50,9 +51,32 @@ def weight_signature(weight: Tensor) -> list[float]:
     return [float(torch.linalg.vector_norm(flat))] + [float(v) for v in projections]
 
 
+# Signatures by weight object, while it lives and its storage and version stay: a load checks the base and keys the
+# decomposition cache with the same signatures, and each costs a pass over every adapted weight.
+_SIGNATURES: dict[int, tuple[weakref.ref, tuple, list[float]]] = {}
+
+
+def _signature(weight: Tensor) -> list[float]:
+    try:
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+    except RuntimeError:  # inference-mode tensors carry no version counter: not cached
+        return weight_signature(weight)
+    found = _SIGNATURES.get(id(weight))
+    if found is not None and found[0]() is weight and found[1] == key:
+        return found[2]
+    signature = weight_signature(weight)
+    _SIGNATURES[id(weight)] = (weakref.ref(weight, lambda _, i=id(weight): _SIGNATURES.pop(i, None)), key, signature)
+    return signature
+
+
+def forget_signatures() -> None:
+    """Drop every remembered signature (the next fingerprint reads the weights again, as a fresh process would)."""
+    _SIGNATURES.clear()
+
+
 def fingerprint(unet: nn.Module, targets: list[str]) -> dict:
     """{"digest": short hex, "layers": {target: signature}} over the given target modules."""
-    layers = {t: weight_signature(unmerged_weight(unet.get_submodule(t))) for t in targets}
+    layers = {t: _signature(unmerged_weight(unet.get_submodule(t))) for t in targets}
     rounded = json.dumps({t: [f"{v:.3g}" for v in s] for t, s in sorted(layers.items())})
     return {"digest": hashlib.sha256(rounded.encode()).hexdigest()[:16], "layers": layers}
 

@@ -15,10 +15,10 @@ Where the cost goes (docs/performance.md has the measurements):
   or, with `set_weight_recompute` (turned on by gradient checkpointing), rebuilt in
   the backward so that no layer holds a second weight-sized tensor while the rest
   of the network runs (the autograd ops are in `fast_paths`);
-- sampling without fusing (eval mode, no gradient wanted): the effective weight is
-  built once and reused until an update's tensors, its scale or the base weight
-  change (`set_weight_cache`; keyed by the tensors' version counters; torch.compile
-  traces the build into its graph instead);
+- sampling without fusing (no gradient wanted): on the CPU, the same activation paths where
+  they cost less; otherwise the effective weight is built once and reused until an update's
+  tensors, its scale or the base weight change (`set_weight_cache`; keyed by the tensors'
+  version counters; torch.compile traces the build into its graph instead);
 - fused: the forward is the base layer's own.
 
 `AdaptedNorm` is the same wrapper around a GroupNorm / LayerNorm's affine parameters.
@@ -256,11 +256,15 @@ class AdaptedLayer(nn.Module):
         if self.base_layer.weight.is_meta:  # offload hooks fill in weights only inside the base layer's own call
             raise ConfigError(OFFLOADED)
         params = self._trainable(names) if torch.is_grad_enabled() else []
+        # without gradients only on the CPU, where im2col + GEMM outran oneDNN at small sizes and no W_eff stays resident
+        sampling_on_cpu = not params and x.device.type == "cpu" and not is_compiling()
+        through_activations = activation_op(self, x, names) if (params or sampling_on_cpu) and self._can_recompute() \
+            else None
+        if through_activations is not None:
+            self._cached = None
+            return through_activations(x, self, names)
         if params:
             self._cached = None  # training: a cached weight would be stale after the next optimizer step
-            through_activations = activation_op(self, x, names) if self._can_recompute() else None
-            if through_activations is not None:
-                return through_activations(x, self, names)
             if self.recompute_weights and self._can_recompute():
                 return RebuiltWeightOp.apply(x, self, tuple(names), *params)
             weight, bias = self.effective_weight_and_bias(names)

@@ -73,7 +73,8 @@ def test_a_drifting_run_is_ranked_above_a_gentle_one(tmp_path):
     gentle = json.loads((tmp_path / "gentle" / "monitor.json").read_text())["records"]
     drifting = json.loads((tmp_path / "drifting" / "monitor.json").read_text())["records"]
     assert [r["step"] for r in gentle] == [r["step"] for r in drifting] == [0, 4, 8]
-    assert gentle[0] == {**drifting[0], "seconds": gentle[0]["seconds"]}  # same base, same probes
+    timing = ("seconds", "elapsed_seconds")
+    assert gentle[0] == {**drifting[0], **{k: gentle[0][k] for k in timing}}  # same base, same probes
     assert drifting[-1]["prior_drift"] > 10 * gentle[-1]["prior_drift"] > 0
 
 
@@ -96,6 +97,9 @@ def test_the_kept_step_is_the_adapter_and_the_card_says_why(tmp_path):
     assert f"The adapter is step {best['step']} of 6" in card and "monitor/curve.png" in card
     assert (out / "monitor" / "curve.png").stat().st_size > 1000
     assert monitor["monitor_share"] > 0 and monitor["training_seconds"] > 0
+    elapsed = [r["elapsed_seconds"] for r in monitor["records"]]  # wall time to each monitored step
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0 and len(set(elapsed)) == len(elapsed)
+    assert monitor["kept"]["elapsed_seconds"] == next(r["elapsed_seconds"] for r in records if r["step"] == best["step"])
 
 
 def test_keep_last_and_no_monitor(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class TrainingMonitor:
         self.settings, self.monitor, self.out, self.records = settings, monitor, out, records
         self.rule = best_step_rule(settings)
         self.stopped_early: str | None = None
+        self.started = time.perf_counter()  # each record's elapsed_seconds: wall time since this run (re)started
 
     @classmethod
     def start(cls, settings, pipe, out: Path, references, concept_latents: torch.Tensor, concept_prompts: list[str],
@@ -115,7 +117,8 @@ class TrainingMonitor:
 
     def _store(self, result: ProbeResult, accelerator=None) -> None:
         record = result.record
-        self.records = [r for r in self.records if r["step"] != record.step] + [record.to_dict()]
+        entry = {**record.to_dict(), "elapsed_seconds": round(time.perf_counter() - self.started, 3)}
+        self.records = [r for r in self.records if r["step"] != record.step] + [entry]
         logger.info("monitor step %d: %s", record.step, ", ".join(
             f"{k} {v:.3f}" for k, v in record.to_dict().items() if k not in ("step", "seconds") and v is not None))
         if accelerator is not None:
@@ -151,7 +154,9 @@ class TrainingMonitor:
             data["training_seconds"] = round(training_seconds, 3)
             data["monitor_share"] = round(seconds / training_seconds, 4) if training_seconds > 0 else None
         if kept is not None:
-            data["kept"] = {"step": kept.step, "reason": kept.reason, "within_margins": kept.within_margins}
+            data["kept"] = {"step": kept.step, "reason": kept.reason, "within_margins": kept.within_margins,
+                            "elapsed_seconds": next((r.get("elapsed_seconds") for r in self.records
+                                                     if r["step"] == kept.step), None)}
         if self.stopped_early:
             data["stopped_early"] = self.stopped_early
         atomic_write_text(self.out / MONITOR_FILE, json.dumps(data, indent=2))

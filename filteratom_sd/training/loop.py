@@ -218,10 +218,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    # the fused kernel updates all the adapter's tensors at once: on the CPU 1.2 ms a step for C2's 258 tensors,
-    # against 7.1 ms for the default per-tensor loop
-    fused = all(p.device.type in ("cpu", "cuda") for p in params.values())
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=settings.adam_weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=settings.adam_weight_decay)
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
                                  num_training_steps=settings.steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)

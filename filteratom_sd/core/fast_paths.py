@@ -1,7 +1,9 @@
-"""Custom autograd paths of an adapted conv / linear layer: memory-saving forward/backward pairs.
+"""Custom autograd paths of an adapted conv / linear layer, and the choice between them.
 
-Each op takes the layer as an argument and calls its public methods (`effective_weight_and_bias`,
-`tap_kernels`, `run`), so this module needs no import of the layer class.
+`RebuiltWeightOp` rebuilds W_eff in the backward instead of keeping it; `TapConvOp` and `BlockLinearOp`
+never build it, sending the update through the activations (`activation_op` picks them). The ops take
+the layer as an argument and read its base layer, updates and scales, so this module needs no import
+of the layer class.
 """
 
 from __future__ import annotations

@@ -76,11 +76,12 @@ class AtomDelta(WeightDelta):
         self.layout = layout
         self.overcomplete_init = overcomplete_init
         self.coefficient_shape = tuple(int(v) for v in (coefficient_shape if alpha is None else alpha.shape[:2]))
+        alpha = None if alpha is None else alpha.to(dtype)
         if alpha is not None and layout == "blocks":
             # stored in (a, m, b) memory order and seen as (a, b, m): the activation path reads it as one
             # (a, m b) matrix without a copy (`block_factors`)
-            alpha = alpha.to(dtype).permute(0, 2, 1).contiguous().permute(0, 2, 1)
-        self.register_buffer("_alpha", None if alpha is None else alpha.to(dtype), persistent=False)
+            alpha = alpha.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+        self.register_buffer("_alpha", alpha, persistent=False)
         self.register_buffer("atoms0", atoms0.to(dtype))
         m, p, q = atoms0.shape
         if m1 is None:

@@ -120,7 +120,8 @@ class TrainingMonitor:
         entry = {**record.to_dict(), "elapsed_seconds": round(time.perf_counter() - self.started, 3)}
         self.records = [r for r in self.records if r["step"] != record.step] + [entry]
         logger.info("monitor step %d: %s", record.step, ", ".join(
-            f"{k} {v:.3f}" for k, v in record.to_dict().items() if k not in ("step", "seconds") and v is not None))
+            f"{k} {v:.3f}" for k, v in entry.items()
+            if k not in ("step", "seconds", "elapsed_seconds") and v is not None))
         if accelerator is not None:
             log_monitor(accelerator, record, result.images)
         self.write()

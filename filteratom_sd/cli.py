@@ -105,6 +105,10 @@ def _quiet_loading_bars() -> None:
                    "context keeps it a matter of the prompt (repeatable; default: configs/prompt_templates.yaml).")
 @click.option("--caption-dropout", type=float, help="Probability of training a concept image with the empty prompt "
                                                     + default_help("caption_dropout"))
+@click.option("--train-token/--no-train-token", default=None, help="Pivotal tuning: also learn the token's text "
+              "embedding, stored in the adapter " + default_help("train_token"))
+@click.option("--token-init", help="Word the trained token's embedding starts from, e.g. the class: 'dog'.")
+@click.option("--token-lr", type=float, help="Learning rate of the token's embedding " + default_help("token_lr"))
 @click.option("--noise-offset", type=float, help="Offset noise (per-channel constant added to the noise) " + default_help("noise_offset"))
 @click.option("--prior-preservation/--no-prior-preservation", default=None,
               help="Also train on the base model's images of the class " + default_help("prior_preservation"))
@@ -199,6 +203,7 @@ def inspect(adapter: str, as_json: bool) -> None:
         "size_bytes": found.path.stat().st_size,
         "method": found.method,
         "token": found.token,
+        "token_embedding": 0 if found.token_embedding is None else found.token_embedding.shape[1],
         "base_model": found.metadata.get("base_model", ""),
         "base_fingerprint": found.base_fingerprint.get("digest", ""),
         "trainable_parameters": found.num_parameters,
@@ -264,6 +269,8 @@ def export(adapter, fmt, out, model, rank, max_error, overwrite) -> None:
             click.echo(f"{key:70s} not expressible as LoRA (dropped)")
         click.echo(f"overall relative error {result.lora.overall_error:.4f} over {len(result.lora.layers)} layers")
     click.echo(f"Wrote {result.path} ({result.size_bytes / 1e6:.2f} MB)")
+    if result.embedding is not None:
+        click.echo(f"Wrote {result.embedding} (the token's embedding: load_textual_inversion(path, token=...))")
 
 
 _PROMPT_SET_HELP = "Prompt-set YAML, or a shipped one by name: tiny (default for the bundled model) or dreambooth."
@@ -372,16 +379,11 @@ def main() -> None:
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(EXIT_USER_ERROR)
-    except UserInputError as exc:
+    except FilterAtomError as exc:  # user mistakes exit 2, the library's other failures 1
         if debug:
             raise
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(EXIT_USER_ERROR)
-    except FilterAtomError as exc:
-        if debug:
-            raise
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(EXIT_FAILURE)
+        sys.exit(EXIT_USER_ERROR if isinstance(exc, UserInputError) else EXIT_FAILURE)
     except OUT_OF_MEMORY_ERRORS as exc:
         if debug:
             raise

@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (the checker's default)")
     parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--keep-curves", default=None, help="an earlier curves.json whose curves are kept beside the "
+                        "new runs (runs measured before, whose folders are gone)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
@@ -118,6 +120,9 @@ def main() -> None:
                           "no_token": {"drop_points": drops_in_points(base, base)}})
 
     curves: dict[str, dict[int, dict[str, float]]] = {}
+    if args.keep_curves:
+        earlier = json.loads(Path(args.keep_curves).read_text())["curves"]
+        curves.update({label: {int(step): point for step, point in points.items()} for label, points in earlier.items()})
     for spec in args.run:
         label, _, folder = spec.partition("=")
         curves[label] = {0: start}

@@ -25,7 +25,8 @@ def test_two_cpu_processes_train_one_adapter(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(_fa_sd_script()),
                "train", "--concept", "castle", "--images", str(CASTLE), "--steps", "3", "--batch-size", "1",
-               "--checkpoint-every", "2", "--output-dir", str(out), "--quiet"]
+               "--checkpoint-every", "2", "--output-dir", str(out), "--quiet",
+               "--train-token", "--token-init", "square"]  # the token's gradient is averaged apart from DDP's
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "castle.safetensors", "checkpoints", "logs",
@@ -35,3 +36,4 @@ def test_two_cpu_processes_train_one_adapter(tmp_path):
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))
     adapter = read_adapter(out / "castle.safetensors")
     assert adapter.num_parameters > 0 and any(t.abs().sum() > 0 for t in adapter.tensors.values())
+    assert adapter.token_embedding is not None

@@ -19,6 +19,7 @@ from ..atomic import atomic_path
 from ..errors import AdapterFormatError, ConfigError
 from .fingerprint import SIGNATURE_LENGTH, fingerprint
 from .inject import attached_adapters
+from .token_embedding import TOKEN_EMBEDDING_KEY
 
 FORMAT_NAME = "filteratom-sd"
 FORMAT_VERSION = 1
@@ -50,6 +51,8 @@ class AdapterFile:
     base_fingerprint: dict[str, Any]
     num_parameters: int
     metadata: dict[str, str]
+    # the concept token's trained text embedding (1 x width), when training learned one
+    token_embedding: Tensor | None = None
 
     @property
     def token(self) -> str:
@@ -58,14 +61,22 @@ class AdapterFile:
 
 
 def save_adapter(
-    unet: nn.Module, path: str | os.PathLike, adapter_name: str = "default", metadata: dict[str, Any] | None = None
+    unet: nn.Module, path: str | os.PathLike, adapter_name: str = "default", metadata: dict[str, Any] | None = None,
+    token_embedding: Tensor | None = None,
 ) -> Path:
-    """Write the named adapter of `unet` to a .safetensors file, atomically; returns the path."""
+    """Write the named adapter of `unet` to a .safetensors file, atomically; returns the path.
+
+    `token_embedding` (1 x text-encoder width) is the metadata's token's trained embedding, stored beside the layers.
+    """
     adapters = attached_adapters(unet)
     if adapter_name not in adapters:
         raise ConfigError(f"No adapter named '{adapter_name}' is attached to this model.")
     method = adapters[adapter_name]
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(unet, adapter_name).items()}
+    if token_embedding is not None:
+        if not (metadata or {}).get("token"):
+            raise ConfigError("A token embedding needs the token it embeds in the metadata ('token').")
+        tensors[TOKEN_EMBEDDING_KEY] = token_embedding.detach().float().cpu().reshape(1, -1).contiguous()
     params = method.trainable_parameters(unet, adapter_name)
     header = {
         "format": FORMAT_NAME,
@@ -219,4 +230,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             raise AdapterFormatError(f"{file} holds a non-floating-point tensor {key!r}.")
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterFormatError(f"{file} holds values that are not finite (NaN or infinity) in tensor {key!r}.")
-    return AdapterFile(file, tensors, method, config, targets, base, count, meta)
+    embedding = tensors.pop(TOKEN_EMBEDDING_KEY, None)
+    if embedding is not None and not meta.get("token"):
+        raise AdapterFormatError(f"{file} holds a token embedding but names no token in its metadata.")
+    return AdapterFile(file, tensors, method, config, targets, base, count, meta, embedding)

@@ -23,6 +23,7 @@ from .inject import attached_adapters, check_adapter_name, record_adapter, remov
 from .layer import OFFLOADED, AdaptedLayer, base_layer_of
 from .method import AdapterMethod, LayerDeltaMethod
 from .targets import pinned_to_targets
+from .token_embedding import attach_token, detach_token, release_token
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def load_adapter(
 ) -> str:
     """Load an adapter file into a pipeline's UNet (or a bare UNet); returns the adapter's name.
 
-    The base weights must match the adapter's fingerprint unless `check_base` is False.
+    The base weights must match the adapter's fingerprint unless `check_base` is False. An adapter trained with
+    its token's embedding adds that token to the pipeline's tokenizer and text encoder (unloading removes it).
     Several adapters can be loaded under different names; their updates add. A diffusers / peft LoRA on
     other layers stacks in either order; on the same layers, load this adapter, `merge_and_unload`, then the LoRA.
     """
@@ -126,6 +128,8 @@ def load_adapter(
             wrong = sorted(set(expected.items()) ^ set(got.items()))[0][0]
             raise AdapterFormatError(f"{adapter.path.name} has missing, extra or misshapen tensors (first: {wrong!r}).")
         method.load_adapter_state_dict(unet, name, adapter.tensors)
+        if adapter.token_embedding is not None:  # last: nothing after it can fail and leave the token behind
+            attach_token(pipe, unet, name, adapter.token, adapter.token_embedding)
     except BaseException:  # KeyboardInterrupt included: leave the model exactly as it was
         method.remove(unet, name)
         raise
@@ -182,6 +186,7 @@ def unload_adapter(pipe: Any, adapter_name: str | None = None) -> None:
         unfuse_adapter(unet)
     for name in names:
         remove_adapter(unet, name)
+        detach_token(pipe, unet, name)
     if fused and attached_adapters(unet):
         fuse_adapter(unet)
 
@@ -190,10 +195,12 @@ def merge_and_unload(pipe: Any) -> None:
     """Fuse every loaded adapter, then put the plain layers holding the fused weights back in place.
 
     The UNet is then an ordinary diffusers model (its `save_pretrained` writes the standard keys, so
-    plain diffusers loads the adapted model); the adapters are gone and cannot be unfused.
+    plain diffusers loads the adapted model); the adapters are gone and cannot be unfused. Tokens the
+    adapters added stay in the tokenizer: the merged weights need them.
     """
     unet = _unet(pipe)
     fuse_adapter(unet)
     for name, method in list(attached_adapters(unet).items()):
         method.unload_fused(unet)
         record_adapter(unet, name, None)
+        release_token(unet, name)

@@ -1,7 +1,6 @@
 """Writing an adapter in the formats other tools load: a diffusers folder, one SD checkpoint file, LyCORIS diffs, LoRA.
-
-Every format starts from the base model with the adapter fused in; none needs filteratom_sd to be read back.
-"""
+Each starts from the base model with the adapter fused in; none needs filteratom_sd to be read back. A trained
+token embedding goes into the diffusers folder's tokenizer, or beside a file as a textual-inversion file."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.adapter_file import read_adapter_metadata
+from ..core.token_embedding import TOKEN_EMBEDDING_KEY, remove_token, write_embedding_file
 from ..errors import ConfigError
 from ..models import model_label
 from .adapted import AdaptedModel, adapted_model
@@ -28,12 +28,28 @@ class ExportResult:
     path: Path
     size_bytes: int
     lora: LoraReport | None = None
+    # the token's textual-inversion file written beside `path` (formats other than diffusers)
+    embedding: Path | None = None
 
 
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return path.stat().st_size
+
+
+def embedding_path(out: Path) -> Path:
+    """Where a file export writes the token's textual-inversion file: OUT's name with .embedding before the suffix."""
+    return out.with_name(f"{out.stem}.embedding.safetensors")
+
+
+def _has_token_embedding(adapter_path: str | os.PathLike) -> bool:
+    from safetensors import safe_open
+
+    from ..core.adapter_file import resolve_adapter_path
+
+    with safe_open(str(resolve_adapter_path(adapter_path)), framework="pt") as handle:
+        return TOKEN_EMBEDDING_KEY in handle.keys()
 
 
 def _check_request(adapter_path: str | os.PathLike, fmt: str, out: Path, rank: int | None, max_error: float | None,
@@ -49,6 +65,8 @@ def _check_request(adapter_path: str | os.PathLike, fmt: str, out: Path, rank: i
         raise ConfigError(f"The {fmt} format writes one .safetensors file; name the output *.safetensors.")
     check_output(out, overwrite)
     method = read_adapter_metadata(adapter_path).get("method")
+    if fmt != "diffusers" and _has_token_embedding(adapter_path):
+        check_output(embedding_path(out), overwrite)
     if fmt == "lora" and rank is None and max_error is None and method != "lora":
         raise ConfigError("Choose --rank R or --max-error E: this adapter's updates are not low-rank factors.")
 
@@ -61,7 +79,13 @@ def export_adapter(adapter_path: str | os.PathLike, fmt: str, out: str | os.Path
     adapted = adapted_model(adapter_path, model)
     metadata = {"filteratom_sd_adapter": adapted.adapter.path.name, "filteratom_sd_method": adapted.adapter.method,
                 "base_model": model_label(model)}
-    report = None
+    report, embedding = None, None
+    token_embedding = adapted.adapter.token_embedding
+    if token_embedding is not None and fmt != "diffusers":
+        # the file's text encoder stays the base one (plain loaders expect its vocabulary); the token goes beside
+        remove_token(adapted.pipe, adapted.adapter.token)
+        embedding = embedding_path(out)
+        write_embedding_file(token_embedding, embedding)
     if fmt == "diffusers":
         write_diffusers_folder(adapted.pipe, out)
     elif fmt == "single-file":
@@ -71,7 +95,7 @@ def export_adapter(adapter_path: str | os.PathLike, fmt: str, out: str | os.Path
     else:
         tensors, report = lora_tensors(adapted.adapter, adapted.deltas, rank, max_error)
         write_lora(tensors, out, metadata)
-    return ExportResult(out, _size(out), report)
+    return ExportResult(out, _size(out), report, embedding)
 
 
 __all__ = [

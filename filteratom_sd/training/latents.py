@@ -5,6 +5,8 @@ The VAE and the text encoder run once per run, before the first step; the loop s
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -21,24 +23,38 @@ def encode_latents(vae, views: torch.Tensor, device, dtype, batch: int = 8) -> t
     return torch.cat(means), torch.cat(stds)
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
+def prompt_ids(pipe, prompts: list[str], device) -> torch.Tensor:
+    """Token ids of the prompts, padded to the tokenizer's length."""
     tokenizer = pipe.tokenizer
     prompts = [truncate_prompt(tokenizer, p) for p in prompts]  # warns, instead of cutting silently
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return pipe.text_encoder(ids)[0].float()
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
+    return pipe.text_encoder(prompt_ids(pipe, prompts, device))[0].float()
 
 
 class LatentSet:
     """Cached latents of a set of views, each view's loss weights and prompt embedding."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, weights: torch.Tensor, embeddings: torch.Tensor,
-                 prompt_of_view: list[int], scaling: float, view_prompts: list[str]) -> None:
+                 prompt_of_view: list[int], scaling: float, view_prompts: list[str],
+                 prompts: list[str] | None = None) -> None:
+        self.prompts = prompts or []  # the prompt of each row of `embeddings`
         self.mean, self.std, self.weights, self.embeddings, self.scaling = mean, std, weights, embeddings, scaling
         self.prompt_of_view = torch.tensor(prompt_of_view)
         self.view_prompts = view_prompts
         self.caption_dropout, self.empty_embedding = 0.0, None
+        self.encode: Callable[[], torch.Tensor] | None = None
+
+    def encode_each_step(self, encode: Callable[[], torch.Tensor]) -> None:
+        """Embed the prompts anew at every sample with `encode` (its rows: the cached embeddings' prompts).
+
+        A trained token embedding changes every step, and its gradient flows through this call.
+        """
+        self.encode = encode
 
     def drop_captions(self, probability: float, empty_embedding: torch.Tensor) -> None:
         """Train each sampled view with the empty prompt with this probability (caption dropout)."""
@@ -48,7 +64,8 @@ class LatentSet:
         idx = torch.randint(0, len(self.mean), (count,), generator=generator)
         eps = torch.randn(self.std[idx].shape, generator=generator).to(self.std.device)
         latents = (self.mean[idx] + self.std[idx] * eps) * self.scaling
-        embeddings = self.embeddings[self.prompt_of_view[idx].to(self.embeddings.device)]
+        table = self.embeddings if self.encode is None else self.encode()
+        embeddings = table[self.prompt_of_view[idx].to(table.device)]
         if self.caption_dropout > 0:
             dropped = (torch.rand(count, generator=generator) < self.caption_dropout).to(embeddings.device)
             embeddings = torch.where(dropped[:, None, None], self.empty_embedding, embeddings)
@@ -70,4 +87,4 @@ def latent_set(pipe, images, prompts, settings, device, dtype, seed_offset: int,
     embeddings = encode_prompts(pipe, distinct, device)
     prompt_of_view = [distinct.index(prompts[o]) for o in owners]
     return LatentSet(mean, std, weights.to(device), embeddings, prompt_of_view, pipe.vae.config.scaling_factor,
-                     [prompts[o] for o in owners])
+                     [prompts[o] for o in owners], distinct)

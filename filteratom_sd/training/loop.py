@@ -21,6 +21,7 @@ from ..core.adapter_file import save_adapter
 from ..core.fingerprint import fingerprint
 from ..core.inject import add_adapter
 from ..core.layer import set_weight_recompute
+from ..core.token_embedding import TOKEN_PARAMETER, TrainableToken
 from ..core.method import AdapterMethod
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation.best_step import Choice
@@ -28,7 +29,7 @@ from ..methods.registry import method_class
 from ..models import load_pipeline, model_label
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import check_image_shapes, instance_prompts, load_concept_images
-from .latents import encode_prompts, latent_set
+from .latents import encode_prompts, latent_set, prompt_ids
 from .model_card import write_model_card
 from .preflight import (CONFIG_NAME, bytes_needed, bytes_reused, check_class_images_folder, check_free_space,
                         check_output_dir, check_output_writable, previous_concept)
@@ -180,8 +181,11 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     class_images = prepare_class_images(pipe, settings, accelerator) if settings.prior_preservation else None
     pipe.to(device)
     unet = pipe.unet
+    token = TrainableToken(pipe, settings.trigger, settings.token_init) if settings.train_token else None
     count = add_adapter(unet, method)
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    if token is not None:
+        params[TOKEN_PARAMETER] = token.vector
     identity = run_identity(settings.to_dict(), lr, content_hash([i.path for i in images], [i.caption for i in images]),
                             None if class_images is None else
                             content_hash([i.path for i in class_images], [i.caption for i in class_images]),
@@ -208,6 +212,9 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     if settings.masked_loss and not any(m is not None for m in masks):
         raise DataError(f"--masked-loss needs images with transparency (an alpha channel) in {settings.images}.")
     instance = latent_set(pipe, [i.image for i in images], prompts, settings, device, weight_dtype, 0, masks)
+    if token is not None:
+        ids = prompt_ids(pipe, instance.prompts, device)
+        instance.encode_each_step(lambda: pipe.text_encoder(ids)[0].float())
     if settings.caption_dropout > 0:
         instance.drop_captions(settings.caption_dropout, encode_prompts(pipe, [""], device)[0])
     prior = None
@@ -218,7 +225,10 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=settings.adam_weight_decay)
+    groups = [{"params": [p for n, p in params.items() if n != TOKEN_PARAMETER]}]
+    if token is not None:  # its own rate, and no decay pulling the embedding towards zero
+        groups.append({"params": [token.vector], "lr": settings.token_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=settings.adam_weight_decay)
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
                                  num_training_steps=settings.steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -260,6 +270,8 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
                     else:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
+                            if token is not None and accelerator.num_processes > 1:
+                                _average_token_gradient(accelerator, token)
                             norm = accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
                             finite = bool(torch.isfinite(torch.as_tensor(norm)))
                         if finite:
@@ -284,12 +296,12 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
                 if settings.max_drift is not None and accelerator.check_trigger():
                     break
             if done % settings.checkpoint_every == 0 and done < settings.steps:
-                _save_checkpoint(accelerator, unet, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
+                _save_checkpoint(accelerator, unet, token, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
             if settings.validation_prompts and done % settings.validation_every == 0 and accelerator.is_main_process:
                 validate(pipe, accelerator.unwrap_model(unet), settings, out / "samples" / f"step-{done:06d}.png")
             if guard.received is not None:
-                _save_checkpoint(accelerator, unet, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
-                _save_adapter(accelerator, unet, adapter_path, settings, done)
+                _save_checkpoint(accelerator, unet, token, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
+                _save_adapter(accelerator, unet, token, adapter_path, settings, done)
                 raise TrainingInterrupted(guard.received, done)
     bar.close()
 
@@ -297,7 +309,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     seconds = time.time() - started
     unwrapped = accelerator.unwrap_model(unet)
     kept = _keep(settings, monitor, params, last_step)
-    _save_adapter(accelerator, unet, adapter_path, settings, kept.step)
+    _save_adapter(accelerator, unet, token, adapter_path, settings, kept.step)
     monitor_seconds = 0.0
     if accelerator.is_main_process:
         grid = validate(pipe, unwrapped, settings, out / "samples" / "final.png")
@@ -363,16 +375,25 @@ def _loss(unet, instance, prior, settings, noise_scheduler, alphas_cumprod, pred
     return own.mean() + settings.prior_loss_weight * cls.mean()
 
 
-def _save_checkpoint(accelerator, unet, folder, step, params, optimizer, lr_scheduler, losses, settings, run) -> None:
+def _average_token_gradient(accelerator, token: TrainableToken) -> None:
+    # DDP averages the UNet's gradients across processes; the token's vector lives outside it
+    grad = token.vector.grad if token.vector.grad is not None else torch.zeros_like(token.vector)
+    token.vector.grad = accelerator.reduce(grad, reduction="mean")
+
+
+def _save_checkpoint(accelerator, unet, token, folder, step, params, optimizer, lr_scheduler, losses, settings,
+                     run) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(folder, step, params, optimizer, lr_scheduler, losses, settings.checkpoints_total_limit, run,
                         write_adapter=lambda into: _save_adapter(
-                            accelerator, unet, into / f"{settings.concept}.safetensors", settings, step))
+                            accelerator, unet, token, into / f"{settings.concept}.safetensors", settings, step))
 
 
-def _save_adapter(accelerator, unet, path: Path, settings: TrainingSettings, step: int) -> None:
+def _save_adapter(accelerator, unet, token: TrainableToken | None, path: Path, settings: TrainingSettings,
+                  step: int) -> None:
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(unet), path, metadata={
             "token": settings.trigger, "concept": settings.concept, "base_model": model_label(settings.model),
-            "steps": str(settings.steps), "step": str(step), "seed": str(settings.seed)})
+            "steps": str(settings.steps), "step": str(step), "seed": str(settings.seed)},
+            token_embedding=None if token is None else token.state())

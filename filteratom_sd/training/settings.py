@@ -76,6 +76,10 @@ class TrainingSettings:
     # A caption for every concept image without its own (DreamBooth's instance prompt); it names the token.
     instance_prompt: str | None = None
     caption_dropout: float = 0.0
+    # Pivotal tuning: learn the token's own text embedding beside the adapter, starting from token_init's.
+    train_token: bool = False
+    token_init: str | None = None
+    token_lr: float = 1.0e-2
     noise_offset: float = 0.0
     on_nan: str = "skip"
     # The drift monitor, the kept step and its margins (see evaluation.best_step.BestStepRule).
@@ -159,6 +163,12 @@ class TrainingSettings:
             raise ConfigError(f"--caption-dropout must be at least 0 and below 1, got {self.caption_dropout!r}.")
         if self.instance_prompt is not None and self.trigger not in self.instance_prompt:
             raise ConfigError(f"--instance-prompt must contain the trigger token {self.trigger}.")
+        if self.train_token and not (self.token_init or "").strip():
+            raise ConfigError("--train-token needs --token-init, a word close to the concept (its class, such as "
+                              "'dog' or 'castle') whose embedding the token starts from.")
+        if isinstance(self.token_lr, bool) or not isinstance(self.token_lr, (int, float)) or \
+                not 0 < self.token_lr <= MAX_LR:
+            raise ConfigError(f"--token-lr must be positive and at most {MAX_LR:g}, got {self.token_lr!r}.")
         if self.on_nan not in ("skip", "stop"):
             raise ConfigError(f"--on-nan must be 'skip' or 'stop', got {self.on_nan!r}.")
         if not self.prompt_templates:

@@ -18,7 +18,7 @@ from filteratom_sd.training.data import instance_prompts, load_concept_images
 from filteratom_sd.errors import TrainingError, UserInputError
 from filteratom_sd.models import load_pipeline
 from filteratom_sd.core.api import load_adapter
-from filteratom_sd.tiny.domain import PALETTE
+from filteratom_sd.tiny.domain import PALETTE, SHAPES
 from filteratom_sd.training.loop import TrainingInterrupted, snr_weights, train
 from filteratom_sd.resources import shipped_config
 from filteratom_sd.training.settings import resolve_settings
@@ -171,12 +171,15 @@ def test_method_learning_rates_follow_the_method_unless_given(tmp_path):
 
 
 @pytest.mark.parametrize("by_name", [True, False])
-def test_prompt_preserving_recipe_covers_the_whole_palette(tmp_path, by_name):
+def test_prompt_preserving_recipe_covers_the_whole_domain(tmp_path, by_name):
     recipe = "tiny-prompt-preserving" if by_name else str(shipped_config("training", "tiny-prompt-preserving"))
     settings = resolve_settings(dict(concept="castle", images=str(CASTLE), output_dir=str(tmp_path)), recipe)
-    assert settings.prior_preservation and settings.lr_by_method == {"filter-atoms": 3e-3}  # over tiny.yaml
-    backgrounds = {p.split(" on a ")[1].removesuffix(" background") for p in settings.class_prompts}
-    assert backgrounds == set(PALETTE)
+    assert settings.prior_preservation and settings.train_token and settings.token_init == "square"
+    assert settings.lr_by_method == {"filter-atoms": 1e-3} and settings.lr_scheduler == "cosine"  # over tiny.yaml
+    words = {w.strip(",") for p in settings.class_prompts for w in p.split()}
+    backgrounds = {m for p in settings.class_prompts for m in re.findall(r"(\w+),? background", p)}
+    assert set(SHAPES) <= words and backgrounds == set(PALETTE)
+    assert len(set(settings.class_prompts)) >= 64 and settings.num_class_images >= len(settings.class_prompts)
     prompts = instance_prompts(load_concept_images(settings.images), settings.trigger, settings.prompt_templates)
     assert set(prompts) == {"a <castle> on a white background"}
 

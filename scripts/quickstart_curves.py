@@ -72,7 +72,8 @@ def plot(curves: dict[str, dict[int, dict[str, float]]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(12.0, 3.4), dpi=100)
+    rows = -(-(len(curves) + 1) // 2)  # the legend's rows, two labels to a row
+    figure, axes = plt.subplots(1, 3, figsize=(12.0, 3.2 + 0.22 * rows), dpi=100)
     panels = (("background_accuracy", "background right, with the token", TARGETS["background_accuracy"]),
               ("silhouette_similarity", "castle silhouette IoU", TARGETS["silhouette_similarity"]),
               ("no_token_shape_drop", "no-token drop (points): shape —, colour --",
@@ -90,8 +91,8 @@ def plot(curves: dict[str, dict[int, dict[str, float]]], path: Path) -> Path:
         axis.set_xlabel("training step")
         axis.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.07 * rows / (1 + 0.07 * rows), 1, 1))
     return atomic_save_figure(figure, path)
 
 

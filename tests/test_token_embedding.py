@@ -124,6 +124,11 @@ def test_train_token_without_an_initial_word_is_a_user_error(tmp_path, monkeypat
                       "--train-token"], monkeypatch, capsys)
     assert_user_error(result, "--token-init")
     assert not (tmp_path / "o").exists()
+    result = run_cli(["train", "--concept", "castle", "--images", str(CASTLE), "--output-dir", str(tmp_path / "o"),
+                      "--train-token", "--token-init", "square", "--token", "sks", "--prior-preservation",
+                      "--class-prompt", "a photo of sks"], monkeypatch, capsys)
+    assert_user_error(result, "must not contain the trained token")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_resumed_run_continues_the_token_embedding_exactly(tmp_path, monkeypatch):

@@ -166,6 +166,9 @@ class TrainingSettings:
         if self.train_token and not (self.token_init or "").strip():
             raise ConfigError("--train-token needs --token-init, a word close to the concept (its class, such as "
                               "'dog' or 'castle') whose embedding the token starts from.")
+        if self.train_token and any(self.trigger in p for p in self.class_prompts):
+            raise ConfigError(f"The class prompts must not contain the trained token {self.trigger}: the prior "
+                              "images stand for everything that is not the concept.")
         if isinstance(self.token_lr, bool) or not isinstance(self.token_lr, (int, float)) or \
                 not 0 < self.token_lr <= MAX_LR:
             raise ConfigError(f"--token-lr must be positive and at most {MAX_LR:g}, got {self.token_lr!r}.")

@@ -160,3 +160,28 @@ def test_a_single_file_export_keeps_the_base_vocabulary_and_puts_the_token_besid
     base = load_pipeline(None).text_encoder.get_input_embeddings().weight
     assert len(tables) == 1 and torch.equal(tables[0], base.detach())  # what plain loaders expect
     assert result.embedding == tmp_path / "castle.embedding.safetensors" and result.embedding.is_file()
+
+
+@pytest.mark.parametrize("change", ["narrow", "no-token"])
+def test_a_malformed_token_embedding_is_refused_and_leaves_the_pipeline_as_it_was(run, tmp_path, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from filteratom_sd.errors import AdapterFormatError
+
+    source = run / "castle.safetensors"
+    with safe_open(str(source), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    if change == "narrow":
+        tensors["text_encoder.token_embedding"] = tensors["text_encoder.token_embedding"][:, :10].contiguous()
+    else:
+        metadata["token"] = ""
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    pipe = load_pipeline(None)
+    size, table = len(pipe.tokenizer), _table(pipe)
+    with pytest.raises(AdapterFormatError, match="token embedding"):
+        load_adapter(pipe, bad)
+    assert not attached_adapters(pipe.unet)
+    assert len(pipe.tokenizer) == size and torch.equal(_table(pipe), table)

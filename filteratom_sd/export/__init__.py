@@ -8,7 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.adapter_file import read_adapter_metadata
+from safetensors import safe_open
+
+from ..core.adapter_file import read_adapter_metadata, resolve_adapter_path
 from ..core.token_embedding import TOKEN_EMBEDDING_KEY, remove_token, write_embedding_file
 from ..errors import ConfigError
 from ..models import model_label
@@ -44,10 +46,6 @@ def embedding_path(out: Path) -> Path:
 
 
 def _has_token_embedding(adapter_path: str | os.PathLike) -> bool:
-    from safetensors import safe_open
-
-    from ..core.adapter_file import resolve_adapter_path
-
     with safe_open(str(resolve_adapter_path(adapter_path)), framework="pt") as handle:
         return TOKEN_EMBEDDING_KEY in handle.keys()
 

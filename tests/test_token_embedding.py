@@ -162,7 +162,7 @@ def test_a_single_file_export_keeps_the_base_vocabulary_and_puts_the_token_besid
     assert result.embedding == tmp_path / "castle.embedding.safetensors" and result.embedding.is_file()
 
 
-@pytest.mark.parametrize("change", ["narrow", "no-token"])
+@pytest.mark.parametrize("change", ["narrow", "two-rows", "no-token"])
 def test_a_malformed_token_embedding_is_refused_and_leaves_the_pipeline_as_it_was(run, tmp_path, change):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -175,6 +175,8 @@ def test_a_malformed_token_embedding_is_refused_and_leaves_the_pipeline_as_it_wa
         metadata = handle.metadata()
     if change == "narrow":
         tensors["text_encoder.token_embedding"] = tensors["text_encoder.token_embedding"][:, :10].contiguous()
+    elif change == "two-rows":
+        tensors["text_encoder.token_embedding"] = tensors["text_encoder.token_embedding"].repeat(2, 1)
     else:
         metadata["token"] = ""
     bad = tmp_path / "bad.safetensors"

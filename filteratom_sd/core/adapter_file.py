@@ -233,4 +233,6 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     embedding = tensors.pop(TOKEN_EMBEDDING_KEY, None)
     if embedding is not None and not meta.get("token"):
         raise AdapterFormatError(f"{file} holds a token embedding but names no token in its metadata.")
+    if embedding is not None and (embedding.ndim != 2 or embedding.shape[0] != 1):
+        raise AdapterFormatError(f"{file} holds a token embedding of shape {tuple(embedding.shape)}; expected 1 x width.")
     return AdapterFile(file, tensors, method, config, targets, base, count, meta, embedding)

@@ -21,10 +21,9 @@ from ..errors import AdapterFormatError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-# The adapter file's tensor for the token's embedding (1 x text-encoder width); never a UNet layer's name.
+# The token's embedding (1 x text-encoder width) in the adapter file and among the trainer's parameters
+# (checkpoints, the kept step's snapshot); never a UNet parameter's name.
 TOKEN_EMBEDDING_KEY = "text_encoder.token_embedding"
-# The key of that embedding in the trainer's parameters (checkpoints, the kept step's snapshot).
-TOKEN_PARAMETER = TOKEN_EMBEDDING_KEY
 _TOKENS_ATTR = "_filteratom_tokens"
 
 
@@ -98,11 +97,8 @@ def write_embedding_file(embedding: Tensor, path: Path) -> None:
 
 
 def attach_token(pipe: Any, unet: nn.Module, adapter_name: str, token: str, embedding: Tensor) -> bool:
-    """At load: add the adapter's token with its embedding; False (and a warning) for a bare UNet."""
-    if embedding.ndim != 2 or embedding.shape[0] != 1:
-        raise AdapterFormatError(f"The adapter's token embedding has shape {tuple(embedding.shape)}; expected 1 x width.")
-    if not token:
-        raise AdapterFormatError("The adapter holds a token embedding but names no token in its metadata.")
+    """At load: add the adapter's token with its embedding (1 x width, as `read_adapter` checks); False (and a
+    warning) for a bare UNet."""
     if not _has_text_side(pipe):
         logger.warning("the adapter's token embedding for %s is not loaded: pass the pipeline, not the UNet", token)
         return False

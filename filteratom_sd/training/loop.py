@@ -21,7 +21,7 @@ from ..core.adapter_file import save_adapter
 from ..core.fingerprint import fingerprint
 from ..core.inject import add_adapter
 from ..core.layer import set_weight_recompute
-from ..core.token_embedding import TOKEN_PARAMETER, TrainableToken
+from ..core.token_embedding import TOKEN_EMBEDDING_KEY, TrainableToken
 from ..core.method import AdapterMethod
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation.best_step import Choice
@@ -185,7 +185,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     count = add_adapter(unet, method)
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     if token is not None:
-        params[TOKEN_PARAMETER] = token.vector
+        params[TOKEN_EMBEDDING_KEY] = token.vector
     identity = run_identity(settings.to_dict(), lr, content_hash([i.path for i in images], [i.caption for i in images]),
                             None if class_images is None else
                             content_hash([i.path for i in class_images], [i.caption for i in class_images]),
@@ -225,7 +225,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    groups = [{"params": [p for n, p in params.items() if n != TOKEN_PARAMETER]}]
+    groups = [{"params": [p for n, p in params.items() if n != TOKEN_EMBEDDING_KEY]}]
     if token is not None:  # its own rate, and no decay pulling the embedding towards zero
         groups.append({"params": [token.vector], "lr": settings.token_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=settings.adam_weight_decay)

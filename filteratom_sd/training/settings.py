@@ -169,8 +169,7 @@ class TrainingSettings:
         if self.train_token and any(self.trigger in p for p in self.class_prompts):
             raise ConfigError(f"The class prompts must not contain the trained token {self.trigger}: the prior "
                               "images stand for everything that is not the concept.")
-        if isinstance(self.token_lr, bool) or not isinstance(self.token_lr, (int, float)) or \
-                not 0 < self.token_lr <= MAX_LR:
+        if not 0 < self.token_lr <= MAX_LR:
             raise ConfigError(f"--token-lr must be positive and at most {MAX_LR:g}, got {self.token_lr!r}.")
         if self.on_nan not in ("skip", "stop"):
             raise ConfigError(f"--on-nan must be 'skip' or 'stop', got {self.on_nan!r}.")

@@ -48,6 +48,9 @@ def test_monitor_scores_are_deterministic_and_zero_drift_at_the_start():
     start = monitor.prepare(pipe.unet, latents, ["a <castle>"] * 3)
     assert start.record.step == 0 and start.record.prior_drift == 0.0 and start.record.concept_fit == 0.0
     assert len(start.images) == 8 and 0.0 <= start.record.fidelity <= 1.0
+    # fidelity covers every token prompt: the 2 plain ones and the 3 naming a new background
+    references = [i.image for i in load_concept_images(CASTLE)]
+    assert start.record.fidelity == TinyProbeScorer().fidelity(start.images[:5], references)
     assert _scores(monitor.score(pipe.unet, 0).record) == _scores(start.record)
 
     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 A fixed, seeded probe set is sampled and scored with the UNet as it is at a given step:
 
-- fidelity: images of token prompts against the training images (`ProbeScorer`);
+- fidelity: images of every token prompt, the plain ones and those naming a new context, against the
+  training images (`ProbeScorer`), as DreamBooth scores subject fidelity over all its prompts;
 - alignment: token prompts that name a new context (another background, scene or colour);
 - prior drift: for prompts without the token, the relative noise-prediction MSE of the UNet against the
   base UNet on fixed noisy latents and timesteps. The base predictions are taken once, before the first
@@ -219,7 +220,8 @@ class DriftMonitor:
         prior_images = images[n_concept + n_context:]
         return MonitorRecord(
             step=step,
-            fidelity=self.scorer.fidelity(concept_images, self.references),
+            # the concept in new contexts counts too, not only on its training images' background
+            fidelity=self.scorer.fidelity(concept_images + context_images, self.references),
             alignment=self.scorer.alignment(context_images, list(self.probes.context)),
             prior_drift=relative_mse(prior_prediction, ref.prior_prediction),
             prior_accuracy=self.scorer.prior_accuracy(prior_images, list(self.probes.prior)),

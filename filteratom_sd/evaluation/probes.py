@@ -51,20 +51,22 @@ class TinyProbeScorer(ProbeScorer):
     alignment_metric = "background colour asked for in new-context prompts (tiny checker)"
 
     def __init__(self) -> None:
-        self._reference_masks: tuple[list[Image.Image], list[np.ndarray]] | None = None
+        self._reference_masks: tuple[list[Image.Image], list[np.ndarray | None]] | None = None
 
-    def _masks(self, references: list[Image.Image]) -> list[np.ndarray]:
-        from ..tiny.checker import analyse
+    def _masks(self, references: list[Image.Image]) -> list[np.ndarray | None]:
+        from ..tiny.checker import analyse, normalise_mask
 
         if self._reference_masks is None or self._reference_masks[0] is not references:
-            self._reference_masks = (references, [analyse(im).mask for im in references])
+            self._reference_masks = (references, [normalise_mask(analyse(im).mask) for im in references])
         return self._reference_masks[1]
 
     def fidelity(self, images: list[Image.Image], references: list[Image.Image]) -> float | None:
-        from ..tiny.checker import analyse, mask_similarity
+        from ..tiny.checker import analyse, normalise_mask, normalised_similarity
 
         masks = self._masks(references)
-        return float(np.mean([max(mask_similarity(analyse(im).mask, ref) for ref in masks) for im in images]))
+        # each mask is normalised once, not once per reference: the monitor scores a dozen images every time
+        return float(np.mean([max(normalised_similarity(own, ref) for ref in masks)
+                              for own in (normalise_mask(analyse(im).mask) for im in images)]))
 
     def alignment(self, images: list[Image.Image], prompts: list[str]) -> float | None:
         from ..tiny.checker import score_images

@@ -134,7 +134,8 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     return Analysis(background, nearest_colour(shape_rgb), mask)
 
 
-def _normalise(mask: np.ndarray) -> np.ndarray | None:
+def normalise_mask(mask: np.ndarray) -> np.ndarray | None:
+    """A foreground mask cropped to its bounding box and resized to the common grid; None when it is empty."""
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
         return None
@@ -143,12 +144,16 @@ def _normalise(mask: np.ndarray) -> np.ndarray | None:
     return np.asarray(resized) > 127
 
 
+def normalised_similarity(own: np.ndarray | None, reference: np.ndarray | None) -> float:
+    """IoU in [0, 1] of two masks already passed through `normalise_mask` (0 when either is empty)."""
+    if own is None or reference is None:
+        return 0.0
+    return float(np.logical_and(own, reference).sum() / np.logical_or(own, reference).sum())
+
+
 def mask_similarity(mask: np.ndarray, reference: np.ndarray) -> float:
     """IoU in [0, 1] of two foreground masks, each cropped to its bounding box and resized to a common grid."""
-    own, ref = _normalise(mask), _normalise(reference)
-    if own is None or ref is None:
-        return 0.0
-    return float(np.logical_and(own, ref).sum() / np.logical_or(own, ref).sum())
+    return normalised_similarity(normalise_mask(mask), normalise_mask(reference))
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,13 +163,13 @@ def reference_masks(shape: str) -> tuple[np.ndarray, ...]:
     masks = []
     for angle in angles:
         drawn = np.asarray(draw_shape(shape, (255, 255, 255), (0, 0, 0), size=0.8, angle=angle))[..., 0] > 127
-        masks.append(_normalise(drawn))
+        masks.append(normalise_mask(drawn))
     return tuple(masks)
 
 
 def silhouette_similarity(mask: np.ndarray, shape: str) -> float:
     """Best IoU in [0, 1] between a foreground mask and the shape's reference silhouettes."""
-    own = _normalise(mask)
+    own = normalise_mask(mask)
     if own is None:
         return 0.0
     best = 0.0

@@ -170,13 +170,7 @@ def reference_masks(shape: str) -> tuple[np.ndarray, ...]:
 def silhouette_similarity(mask: np.ndarray, shape: str) -> float:
     """Best IoU in [0, 1] between a foreground mask and the shape's reference silhouettes."""
     own = normalise_mask(mask)
-    if own is None:
-        return 0.0
-    best = 0.0
-    for ref in reference_masks(shape):
-        union = np.logical_or(own, ref).sum()
-        best = max(best, float(np.logical_and(own, ref).sum() / union) if union else 0.0)
-    return best
+    return max(normalised_similarity(own, ref) for ref in reference_masks(shape))
 
 
 _TOKEN = re.compile(r"<[^<>\s]+>")

@@ -116,6 +116,8 @@ def _quiet_loading_bars() -> None:
               help="Prompt for prior-preservation images (repeatable: the images cycle through them).")
 @click.option("--class-images", help="Folder of class images (default: OUT/class_images, missing ones generated).")
 @click.option("--num-class-images", type=int, help="Class images to use " + default_help("num_class_images"))
+@click.option("--sample-batch-size", type=int, help="Class images generated per pipeline call "
+                                                    + default_help("sample_batch_size"))
 @click.option("--prior-loss-weight", type=float, help="Weight of the class images' loss " + default_help("prior_loss_weight"))
 @click.option("--min-snr-gamma", type=float, help="Min-SNR loss weighting gamma (default: off).")
 @click.option("--masked-loss/--no-masked-loss", default=None,

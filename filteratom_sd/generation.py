@@ -26,14 +26,15 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
 @torch.no_grad()
 def generate_images(pipe: Any, prompts: list[str], seed: int, steps: int, guidance_scale: float,
-                    batch_size: int) -> list[Image.Image]:
-    """One image per prompt, `batch_size` prompts per pipeline call; image i uses `image_generator(seed, i)`."""
+                    batch_size: int, first_index: int = 0, size: int | None = None) -> list[Image.Image]:
+    """One image per prompt, `batch_size` prompts per pipeline call; image i uses `image_generator(seed, first_index
+    + i)`, at `size` x `size` pixels (default: the pipeline's own)."""
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
-        generators = [image_generator(seed, start + i) for i in range(len(chunk))]
+        generators = [image_generator(seed, first_index + start + i) for i in range(len(chunk))]
         images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                       output_type="pil").images
+                       height=size, width=size, output_type="pil").images
     return images
 
 

@@ -152,6 +152,42 @@ def test_prior_preservation_generates_missing_class_images(tmp_path):
     assert (out / "castle.safetensors").is_file()
 
 
+class _OneProcess:
+    """What prepare_class_images asks of an accelerator, for one process on the CPU."""
+
+    is_main_process = True
+    device = torch.device("cpu")
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_class_images_are_the_same_images_in_batches_and_after_an_interruption(tmp_path):
+    import numpy as np
+    from filteratom_sd.generation import image_generator
+    from filteratom_sd.training.prior import prepare_class_images
+
+    pipe = load_pipeline(None)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a grey square", "a red star on a blue background"]
+
+    def drawn(folder, batch, count=5):
+        settings = quick_settings(tmp_path / "run", prior_preservation=True, class_prompt=prompts, resolution=64,
+                                  class_images=str(folder), num_class_images=count, sample_batch_size=batch, guidance_scale=5.0)
+        return prepare_class_images(pipe, settings, _OneProcess())
+
+    one_by_one = [np.asarray(pipe(prompts[i % 2], num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
+                                  generator=image_generator(0, 12_345 + i)).images[0], dtype=int) for i in range(5)]
+    batched = drawn(tmp_path / "batched", 3)
+    drawn(tmp_path / "resumed", 2, count=3)  # a run stopped after 3 images, then continued to 5
+    resumed = drawn(tmp_path / "resumed", 4)
+    for images in (batched, resumed):
+        assert [i.caption for i in images] == [prompts[i % 2] for i in range(5)]
+        # batched GEMMs round differently: a pixel may move by one level, never more
+        assert all(np.abs(np.asarray(i.image, dtype=int) - ref).max() <= 1 for i, ref in zip(images, one_by_one))
+    assert len(set(np.asarray(i.image).tobytes() for i in batched)) == 5
+
+
 def test_min_snr_weights_match_the_formula():
     alphas_cumprod = torch.tensor([0.9, 0.5, 0.1])
     t = torch.tensor([0, 1, 2])

@@ -17,9 +17,11 @@ from typing import Any
 from ..errors import UserInputError
 
 # More --steps continues the same trajectory (the LR schedule does not depend on the total); the others
-# only change when checkpoints, validation grids and logs are written, or how the gradients are computed.
+# only change when checkpoints, validation grids and logs are written, or how the gradients and class images are
+# computed (class images enter by content).
 SAFE_TO_CHANGE = ("steps", "checkpoint_every", "checkpoints_total_limit", "validation_prompts", "validation_every",
-                  "validation_steps", "guidance_scale", "on_nan", "gradient_checkpointing", "output_dir")
+                  "validation_steps", "guidance_scale", "on_nan", "gradient_checkpointing", "output_dir",
+                  "sample_batch_size")
 # Settings replaced by what they resolve to: the effective learning rate, and inputs by their content.
 _RESOLVED = ("lr", "lr_by_method", "model", "images", "class_images", "token")
 _NAMES = {"images": "the images or their captions", "class_images": "the class images",

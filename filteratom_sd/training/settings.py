@@ -57,6 +57,8 @@ class TrainingSettings:
     class_prompt: str | list[str] | None = None
     class_images: str | None = None
     num_class_images: int = 100
+    # Class images generated per pipeline call (diffusers' DreamBooth --sample_batch_size): speed, not which image.
+    sample_batch_size: int = 4
     prior_loss_weight: float = 1.0
     min_snr_gamma: float | None = None
     # Weight the loss by the images' alpha channel (transparent = background), as kohya's masked loss.
@@ -123,7 +125,8 @@ class TrainingSettings:
         check_field_types(self)
         self._validate_names()
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "resolution", "checkpoint_every",
-                     "checkpoints_total_limit", "validation_every", "validation_steps", "monitor_every"):
+                     "checkpoints_total_limit", "validation_every", "validation_steps", "monitor_every",
+                     "sample_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")

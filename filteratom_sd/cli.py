@@ -181,15 +181,17 @@ def train(**kwargs: Any) -> None:
 @click.option("--out", default="samples", show_default=True, help="Output folder.")
 @click.option("--grid", is_flag=True, help="Also save one grid per prompt.")
 @click.option("--fuse", is_flag=True, help="Fuse the adapters into the weights before sampling.")
+@click.option("--batch-size", default=4, show_default=True, type=int,
+              help="Images per pipeline call (each keeps its own seed: the images do not change).")
 def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, guidance_scale, seed, height, width, out,
-           grid, fuse) -> None:
+           grid, fuse, batch_size) -> None:
     """Generate images, optionally with adapters loaded."""
     all_prompts = list(prompts)
     if prompts_file:
         text = read_text(prompts_file, MAX_PROMPTS_FILE_BYTES, "prompts file")
         all_prompts += [line.strip() for line in text.splitlines() if line.strip()]
     request = SampleRequest(all_prompts, list(adapters), list(scales), model, num_images, steps, guidance_scale, seed,
-                            height, width, Path(out), grid, fuse)
+                            height, width, Path(out), grid, fuse, batch_size)
     for path in run_sampling(request):
         click.echo(str(path))
 

@@ -40,6 +40,7 @@ class SampleRequest:
     out: Path = Path("samples")
     grid: bool = False
     fuse: bool = False
+    batch_size: int = 4
 
     def validate(self) -> None:
         """One-sentence errors before any model is loaded or file written."""
@@ -49,6 +50,8 @@ class SampleRequest:
             raise UserInputError("Give one --adapter-scale per --adapter, or none.")
         if self.num_images <= 0:
             raise UserInputError("--num-images must be positive.")
+        if self.batch_size <= 0:
+            raise UserInputError("--batch-size must be positive.")
         if self.steps is not None and self.steps <= 0:
             raise UserInputError("--steps must be positive.")
         for size in (self.height, self.width):
@@ -72,7 +75,8 @@ def _slug(prompt: str) -> str:
 
 
 def run_sampling(request: SampleRequest) -> list[Path]:
-    """Generate num_images per prompt (seeds seed, seed+1, ...); returns the written files."""
+    """Generate num_images per prompt (seeds seed, seed+1, ...), batch_size per pipeline call; returns the written
+    files. Image n always comes from its own generator, so the batch size changes no image beyond rounding."""
     request.validate()
     pipe = load_pipeline(request.model)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,12 +89,13 @@ def run_sampling(request: SampleRequest) -> list[Path]:
     for index, prompt in enumerate(request.prompts):
         prompt = truncate_prompt(pipe.tokenizer, prompt)
         images = []
-        for n in range(request.num_images):
-            generator = torch.Generator().manual_seed(request.seed + n)
-            image = pipe(prompt, num_inference_steps=request.steps or steps,
-                         guidance_scale=request.guidance_scale if request.guidance_scale is not None else guidance,
-                         generator=generator, height=request.height, width=request.width).images[0]
-            images.append(image)
+        for first in range(0, request.num_images, request.batch_size):
+            count = min(request.batch_size, request.num_images - first)
+            generators = [torch.Generator().manual_seed(request.seed + n) for n in range(first, first + count)]
+            images += pipe([prompt] * count, num_inference_steps=request.steps or steps,
+                           guidance_scale=request.guidance_scale if request.guidance_scale is not None else guidance,
+                           generator=generators, height=request.height, width=request.width).images
+        for n, image in enumerate(images):
             written.append(save_image(image, request.out / f"{index:02d}-{_slug(prompt)}-{n}.png"))
         if request.grid:
             written.append(save_grid(images, request.out / f"{index:02d}-{_slug(prompt)}-grid.png", columns=len(images)))

@@ -128,6 +128,20 @@ def test_sample_fused_matches_unfused(adapter, tmp_path, monkeypatch, capsys):
     assert abs(a - b).max() <= 2  # fp32 rounding of W + dW vs the unfused sum
 
 
+def test_sample_batches_keep_each_image_of_its_seed(adapter, tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    args = ["sample", "--prompt", "a <castle>", "--steps", "2", "--adapter", str(adapter), "-n", "3", "--seed", "4"]
+    assert run_cli([*args, "--out", str(tmp_path / "batched"), "--batch-size", "2"], monkeypatch, capsys)[0] == 0
+    for n in range(3):  # image n is the one a call with --seed 4+n draws alone
+        single = tmp_path / f"single-{n}"
+        assert run_cli([*args[:-4], "--seed", str(4 + n), "--out", str(single)], monkeypatch, capsys)[0] == 0
+        a = np.asarray(Image.open(tmp_path / "batched" / f"00-a-castle-{n}.png"), dtype=int)
+        b = np.asarray(Image.open(single / "00-a-castle-0.png"), dtype=int)
+        assert abs(a - b).max() <= 1  # batched GEMMs round differently, never by more than a level
+
+
 def test_sample_user_mistakes(adapter, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     bogus = tmp_path / "bogus.safetensors"
@@ -138,6 +152,7 @@ def test_sample_user_mistakes(adapter, tmp_path, monkeypatch, capsys):
         (["--prompt", "x", "--adapter", str(bogus)], "bogus.safetensors"),
         (["--prompt", "x", "--adapter", str(adapter), "--adapter-scale", "1", "--adapter-scale", "2"], "one --adapter-scale"),
         (["--prompt", "x", "-n", "0"], "--num-images must be positive"),
+        (["--prompt", "x", "--batch-size", "0"], "--batch-size must be positive"),
         (["--prompt", "x", "--height", "60"], "multiples of 8"),
         (["--prompts-file", str(tmp_path / "none.txt")], "Cannot read the prompts file"),
         (["--prompt", "x", "--model", str(tmp_path / "no-model")], "no-model"),

@@ -116,8 +116,7 @@ def _quiet_loading_bars() -> None:
               help="Prompt for prior-preservation images (repeatable: the images cycle through them).")
 @click.option("--class-images", help="Folder of class images (default: OUT/class_images, missing ones generated).")
 @click.option("--num-class-images", type=int, help="Class images to use " + default_help("num_class_images"))
-@click.option("--sample-batch-size", type=int, help="Class images generated per pipeline call "
-                                                    + default_help("sample_batch_size"))
+@click.option("--sample-batch-size", type=int, help="Class images per pipeline call " + default_help("sample_batch_size"))
 @click.option("--prior-loss-weight", type=float, help="Weight of the class images' loss " + default_help("prior_loss_weight"))
 @click.option("--min-snr-gamma", type=float, help="Min-SNR loss weighting gamma (default: off).")
 @click.option("--masked-loss/--no-masked-loss", default=None,
@@ -181,8 +180,7 @@ def train(**kwargs: Any) -> None:
 @click.option("--out", default="samples", show_default=True, help="Output folder.")
 @click.option("--grid", is_flag=True, help="Also save one grid per prompt.")
 @click.option("--fuse", is_flag=True, help="Fuse the adapters into the weights before sampling.")
-@click.option("--batch-size", default=4, show_default=True, type=int,
-              help="Images per pipeline call (each keeps its own seed: the images do not change).")
+@click.option("--batch-size", default=4, show_default=True, type=int, help="Images per pipeline call (same images).")
 def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, guidance_scale, seed, height, width, out,
            grid, fuse, batch_size) -> None:
     """Generate images, optionally with adapters loaded."""

@@ -30,11 +30,12 @@ def generate_images(pipe: Any, prompts: list[str], seed: int, steps: int, guidan
     """One image per prompt, `batch_size` prompts per pipeline call; image i uses `image_generator(seed, first_index
     + i)`, at `size` x `size` pixels (default: the pipeline's own)."""
     images: list[Image.Image] = []
+    sized = {} if size is None else {"height": size, "width": size}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         generators = [image_generator(seed, first_index + start + i) for i in range(len(chunk))]
         images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                       height=size, width=size, output_type="pil").images
+                       output_type="pil", **sized).images
     return images
 
 

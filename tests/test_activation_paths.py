@@ -152,6 +152,7 @@ def test_weights_built_without_gradients_in_chunks_match_the_autograd_build(case
         chunked, _ = layer.effective_weight_and_bias()
     whole, _ = layer.effective_weight_and_bias()  # trainable atoms: one autograd expression, no chunks
     assert whole.requires_grad and not chunked.requires_grad
-    torch.testing.assert_close(chunked, whole.detach(), atol=0, rtol=0)
-    layer.merge()
-    torch.testing.assert_close(layer.base_layer.weight, whole.detach(), atol=0, rtol=0)
+    # a GEMM's rounding depends on its shape on some CPUs (AMD EPYC: 1 ulp); a lost or repeated chunk is off by O(W)
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5 * whole.abs().max().item(), rtol=0)
+    layer.merge()  # builds without gradients: the chunked weight, bit for bit
+    torch.testing.assert_close(layer.base_layer.weight, chunked, atol=0, rtol=0)

@@ -173,7 +173,8 @@ def test_class_images_are_the_same_images_in_batches_and_after_an_interruption(t
 
     def drawn(folder, batch, count=5):
         settings = quick_settings(tmp_path / "run", prior_preservation=True, class_prompt=prompts, resolution=64,
-                                  class_images=str(folder), num_class_images=count, sample_batch_size=batch, guidance_scale=5.0)
+                                  class_images=str(folder), num_class_images=count, sample_batch_size=batch,
+                                  guidance_scale=5.0)
         return prepare_class_images(pipe, settings, _OneProcess())
 
     one_by_one = [np.asarray(pipe(prompts[i % 2], num_inference_steps=2, guidance_scale=5.0, height=64, width=64,

@@ -32,7 +32,7 @@ from .models import load_pipeline
 from .resources import shipped_names
 from .sampling import SampleRequest, run_sampling
 from .training.loop import TrainingInterrupted, train as run_training
-from .training.settings import resolve_settings
+from .training.settings import COMPILE_MODES, LR_SCHEDULERS, resolve_settings
 from .user_files import MAX_PROMPTS_FILE_BYTES, read_text
 
 logger = logging.getLogger("filteratom_sd")
@@ -79,8 +79,7 @@ def _quiet_loading_bars() -> None:
 @click.option("--steps", type=int, help="Training steps " + default_help("steps"))
 @click.option("--lr", type=float, help="Learning rate (default: the base model's rate for the method, e.g. 3e-3 for "
                                        "filter atoms on the bundled model, else the method's own, 1e-3).")
-@click.option("--lr-scheduler", type=click.Choice(["constant", "constant_with_warmup", "linear", "cosine",
-                                                   "cosine_with_restarts", "polynomial"]),
+@click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS),
               help="Learning-rate schedule (diffusers' get_scheduler) " + default_help("lr_scheduler"))
 @click.option("--lr-warmup-steps", type=int, help="Steps of linear warm-up " + default_help("lr_warmup_steps"))
 @click.option("--weight-decay", "adam_weight_decay", type=float, help="AdamW weight decay " + default_help("adam_weight_decay"))
@@ -98,6 +97,8 @@ def _quiet_loading_bars() -> None:
               help="Continue from the newest checkpoint in the output folder, or from the checkpoint folder given.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision " + default_help("mixed_precision"))
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory (off by default).")
+@click.option("--compile", is_flag=False, flag_value="default", default=None, type=click.Choice(COMPILE_MODES),
+              help="torch.compile the UNet (inductor; MODE reduce-overhead adds CUDA graphs): for GPUs, the first step compiles.")
 @click.option("--instance-prompt", help="Caption of every concept image without its own; must contain the token "
                                         "(default: the caption templates).")
 @click.option("--caption-template", "prompt_templates", multiple=True,
@@ -353,7 +354,6 @@ def compare(concept, images, methods, out, model, token, steps, seed, config_fil
 def frontier(concept, images, methods, seeds, steps, score_every, out, model, token, config_file, prompts_file,
              fidelity_level, quiet) -> None:
     """Sweep each method over a learning-rate grid and seeds, score checkpoints, write Pareto fronts (resumable)."""
-    from .evaluation.compare import parse_method_specs
     from .evaluation.frontier import FrontierRequest, run_frontier
     from .evaluation.frontier_report import write_tables
 

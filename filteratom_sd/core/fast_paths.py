@@ -28,6 +28,15 @@ def is_compiling() -> bool:
     return bool(check())
 
 
+def prepare_compile() -> None:
+    """Let torch.compile trace the adapted layers whole; call it before compiling a UNet that holds them.
+
+    `RebuiltWeightOp`'s backward takes the rebuilt weight's gradient with `torch.autograd.grad`, which dynamo
+    otherwise leaves to eager Python with a graph break in every adapted layer.
+    """
+    torch._dynamo.config.trace_autograd_ops = True
+
+
 def _cast(dtype: torch.dtype | None, x: Tensor, weight: Tensor, bias: Tensor | None):
     # what F.conv2d / F.linear would do under autocast, done by hand so forward and backward agree
     if dtype is None:

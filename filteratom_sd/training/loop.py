@@ -27,6 +27,7 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation.best_step import Choice
 from ..methods.registry import method_class
 from ..models import load_pipeline, model_label
+from .accelerate_setup import compile_unet, make_accelerator, plain_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import check_image_shapes, instance_prompts, load_concept_images
 from .latents import encode_prompts, latent_set, prompt_ids
@@ -38,7 +39,7 @@ from .prior import prepare_class_images
 from .resume import CheckpointRecord, check_resumable, find_checkpoint, read_record
 from .run_folder import RunLock, check_not_foreign, clean_interrupted_writes, clear_previous_run
 from .run_identity import check_resume_steps, content_hash, run_identity
-from .reporting import trackers, validate
+from .reporting import validate
 from .settings import TrainingSettings, write_settings
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,6 @@ def train(settings: TrainingSettings, resume: bool | str | os.PathLike = False, 
 
     `resume`: True continues from the newest checkpoint in the output folder; a checkpoint's path, from that one.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     settings.validate()
     images = load_concept_images(settings.images)
     check_image_shapes(images, settings.resolution)
@@ -129,14 +127,7 @@ def train(settings: TrainingSettings, resume: bool | str | os.PathLike = False, 
     check_not_foreign(settings.output_path, overwrite)
     check_output_dir(settings, bool(resume), overwrite)
     method = build_method(settings)
-    try:
-        accelerator = Accelerator(mixed_precision=settings.mixed_precision,
-                                  gradient_accumulation_steps=settings.gradient_accumulation_steps,
-                                  log_with=trackers(settings.report_to) or None,
-                                  project_config=ProjectConfiguration(project_dir=str(settings.output_path),
-                                                                      logging_dir=str(settings.output_path / "logs")))
-    except ValueError as exc:
-        raise ConfigError(f"Mixed precision {settings.mixed_precision!r} is not available here: {exc}") from None
+    accelerator = make_accelerator(settings)
     lock = RunLock(settings.output_path).acquire() if accelerator.is_main_process else None
     try:
         check_output_dir(settings, bool(resume), overwrite)  # again under the lock: another run may have finished since
@@ -233,6 +224,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
                                  num_training_steps=settings.steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet = compile_unet(settings, unet)
 
     start_step, losses = 0, []
     checkpoints = out / "checkpoints"
@@ -251,7 +243,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
         count_views = min(8, len(instance.mean))  # a few views: the concept fit is a trend, not an estimate
         monitor = TrainingMonitor.start(settings, pipe, out, [i.image for i in images],
                                         instance.mean[:count_views] * instance.scaling,
-                                        instance.view_prompts[:count_views], accelerator.unwrap_model(unet),
+                                        instance.view_prompts[:count_views], plain_model(accelerator, unet),
                                         start_step, settings.model is None, accelerator)
 
     started, skipped, last_step = time.time(), 0, start_step
@@ -291,7 +283,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
             done = last_step = step + 1
             if monitor_due(settings, done):
                 if monitor is not None:
-                    monitor.observe(accelerator.unwrap_model(unet), done, accelerator, params)
+                    monitor.observe(plain_model(accelerator, unet), done, accelerator, params)
                     if monitor.stopped_early:
                         accelerator.set_trigger()
                 if settings.max_drift is not None and accelerator.check_trigger():
@@ -299,7 +291,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
             if done % settings.checkpoint_every == 0 and done < settings.steps:
                 _save_checkpoint(accelerator, unet, token, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
             if settings.validation_prompts and done % settings.validation_every == 0 and accelerator.is_main_process:
-                validate(pipe, accelerator.unwrap_model(unet), settings, out / "samples" / f"step-{done:06d}.png")
+                validate(pipe, plain_model(accelerator, unet), settings, out / "samples" / f"step-{done:06d}.png")
             if guard.received is not None:
                 _save_checkpoint(accelerator, unet, token, checkpoints, done, params, optimizer, lr_scheduler, losses, settings, run)
                 _save_adapter(accelerator, unet, token, adapter_path, settings, done)
@@ -308,7 +300,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
 
     accelerator.wait_for_everyone()
     seconds = time.time() - started
-    unwrapped = accelerator.unwrap_model(unet)
+    unwrapped = plain_model(accelerator, unet)
     kept = _keep(settings, monitor, params, last_step)
     _save_adapter(accelerator, unet, token, adapter_path, settings, kept.step)
     monitor_seconds = 0.0
@@ -394,7 +386,7 @@ def _save_checkpoint(accelerator, unet, token, folder, step, params, optimizer, 
 def _save_adapter(accelerator, unet, token: TrainableToken | None, path: Path, settings: TrainingSettings,
                   step: int) -> None:
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(unet), path, metadata={
+        save_adapter(plain_model(accelerator, unet), path, metadata={
             "token": settings.trigger, "concept": settings.concept, "base_model": model_label(settings.model),
             "steps": str(settings.steps), "step": str(step), "seed": str(settings.seed)},
             token_embedding=None if token is None else token.state())

@@ -18,10 +18,10 @@ from ..errors import UserInputError
 
 # More --steps continues the same trajectory (the LR schedule does not depend on the total); the others
 # only change when checkpoints, validation grids and logs are written, or how the gradients and class images are
-# computed (class images enter by content).
+# computed (class images enter by content; torch.compile rounds differently, as another device would).
 SAFE_TO_CHANGE = ("steps", "checkpoint_every", "checkpoints_total_limit", "validation_prompts", "validation_every",
                   "validation_steps", "guidance_scale", "on_nan", "gradient_checkpointing", "output_dir",
-                  "sample_batch_size")
+                  "sample_batch_size", "compile", "compile_backend")
 # Settings replaced by what they resolve to: the effective learning rate, and inputs by their content.
 _RESOLVED = ("lr", "lr_by_method", "model", "images", "class_images", "token")
 _NAMES = {"images": "the images or their captions", "class_images": "the class images",

@@ -22,6 +22,8 @@ from ..user_files import read_yaml_file
 MIXED_PRECISION = ("no", "fp16", "bf16")
 KEEP = ("best", "last")
 REPORT_TO = ("tensorboard", "wandb", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # The concept names the adapter file and its temporary twin ".<name>.<random>.tmp": well inside 255 bytes.
 MAX_CONCEPT_BYTES = 100
@@ -93,6 +95,9 @@ class TrainingSettings:
     prior_margin: float = 0.05
     drift_margin: float = 0.10
     report_to: str = "tensorboard"
+    # torch.compile of the prepared UNet: an inductor mode ("reduce-overhead": CUDA graphs), None for eager.
+    compile: str | None = None
+    compile_backend: str = "inductor"
 
     @property
     def trigger(self) -> str:
@@ -159,6 +164,14 @@ class TrainingSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}.")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}.")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ConfigError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, "
+                              f"got {self.compile_backend!r}.")
+        if self.compile not in (None, "default") and self.compile_backend != "inductor":
+            raise ConfigError(f"--compile {self.compile} is an inductor mode; compile_backend is "
+                              f"{self.compile_backend!r}.")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
         if isinstance(self.caption_dropout, bool) or not isinstance(self.caption_dropout, (int, float)) or \

@@ -32,6 +32,7 @@ from torch import nn
 
 from filteratom_sd.core.adapter_file import save_adapter
 from filteratom_sd.core.api import fuse_adapter, load_adapter, unfuse_adapter, unload_adapter
+from filteratom_sd.core.fast_paths import prepare_compile
 from filteratom_sd.core.fingerprint import forget_signatures
 from filteratom_sd.core.inject import add_adapter, remove_adapter
 from filteratom_sd.core.layer import set_train_path, set_weight_recompute
@@ -71,6 +72,7 @@ class BenchSettings:
     cudnn_benchmark: bool = False  # GPU only
     train_path: str = "auto"  # adapted layers' training path: "auto", "activations" or "weight" (for ablations)
     recompute_weights: bool = False  # rebuild each W_eff in the backward, as the trainer does with gradient checkpointing
+    compile: str | None = None  # torch.compile mode of the training steps (inductor), None for eager
     profile: bool = False  # add a torch.profiler table of one training step to the report
     cache_dir: str | None = None  # decomposition cache (a fresh temporary folder when None)
     work_dir: str | None = None  # where adapter files are written
@@ -488,10 +490,14 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=settings.lr) if params else None
     sample = train_inputs["sample"].clone().requires_grad_(not params)
     unet.train()
+    train_unet = unet
+    if settings.compile is not None:  # every method the same way, so LoRA gets the same help
+        prepare_compile()
+        train_unet = torch.compile(unet, mode=None if settings.compile == "default" else settings.compile)
 
     def train_step() -> None:
         with autocast(settings, device):
-            pred = unet(sample, train_inputs["timestep"], train_inputs["encoder_hidden_states"]).sample
+            pred = train_unet(sample, train_inputs["timestep"], train_inputs["encoder_hidden_states"]).sample
         loss = F.mse_loss(pred.float(), train_inputs["target"])
         loss.backward()
         if optimizer is not None:
@@ -503,10 +509,14 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     memory.start()
     out["memory_before_train_bytes"] = memory.current_bytes()
     step_times = []
+    # compiling takes the first step; CUDA graphs are recorded over the next ones
+    warmup = max(settings.warmup, 3) if settings.compile is not None else settings.warmup
     with load.measure():
-        for i in range(settings.warmup + settings.train_steps):
+        for i in range(warmup + settings.train_steps):
             seconds = timed(device, train_step)
-            if i >= settings.warmup:
+            if i == 0:
+                out["first_step_s"] = seconds
+            if i >= warmup:
                 step_times.append(seconds)
     if settings.profile:
         out["profile"] = profile_table(device, train_step)
@@ -624,17 +634,18 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per method; ratios against the floor (frozen UNet), LoRA r=4 and the base sampling step."""
     lora = results.get("lora-r4", {})
     floor = results.get("base", {})
-    header = ("| method | trainable | train step (s) | × floor | × LoRA r=4 | peak train mem (MB) | × LoRA r=4 "
-              "| AdamW state (KB) | adapter file (KB) | load + fuse (s) | sample unfused (s) | × base "
+    header = ("| method | trainable | train step (s) | first step (s) | × floor | × LoRA r=4 | peak train mem (MB) "
+              "| × LoRA r=4 | AdamW state (KB) | adapter file (KB) | load + fuse (s) | sample unfused (s) | × base "
               "| sample fused (s) | × base |")
-    rows = [header, "|" + "|".join(["---"] + ["---:"] * 13) + "|"]
+    rows = [header, "|" + "|".join(["---"] + ["---:"] * 14) + "|"]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | {r['error']} |" + " |" * 12)
+            rows.append(f"| {name} | {r['error']} |" + " |" * 13)
             continue
         mb = r["peak_train_bytes"] / 2**20
         rows.append(
-            f"| {name} | {r['trainable_params']:,} | {_fmt(r['train_step_s'])} | {_ratio(r['train_step_s'], floor.get('train_step_s'))} "
+            f"| {name} | {r['trainable_params']:,} | {_fmt(r['train_step_s'])} | {_fmt(r.get('first_step_s'))} "
+            f"| {_ratio(r['train_step_s'], floor.get('train_step_s'))} "
             f"| {_ratio(r['train_step_s'], lora.get('train_step_s'))} | {mb:,.0f} "
             f"| {_ratio(r['peak_train_bytes'], lora.get('peak_train_bytes'))} | {r['optimizer_state_bytes'] / 1024:,.1f} "
             f"| {_kb(r.get('adapter_file_bytes'))} "

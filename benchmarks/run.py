@@ -4,6 +4,7 @@
     python -m benchmarks.run --model sd-v1-4 --decomposition          # whole-UNet decomposition time
     python -m benchmarks.run --model tiny --resolution 64              # the bundled tiny UNet
     python -m benchmarks.run --resolution 512 --dtype fp16 --gradient-checkpointing   # on a GPU
+    python -m benchmarks.run --resolution 512 --dtype bf16 --batch-size 4 --compile --methods base,C2,lora-r4
 
 Run it from the repository root (the harness is `benchmarks/harness.py`, not part of the installed package).
 
@@ -23,6 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from filteratom_sd.core.fast_paths import TRAIN_PATHS
+from filteratom_sd.training.settings import COMPILE_MODES
 
 from benchmarks.harness import (
     ATTENTION,
@@ -64,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="adapted layers' training path: through the activations, the weight, or the cheaper (ablation)")
     parser.add_argument("--recompute-weights", action="store_true",
                         help="rebuild each effective weight in the backward instead of keeping it (on with --gradient-checkpointing)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                        help="torch.compile the UNet for the training steps (inductor; optional MODE, e.g. reduce-overhead)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one training step")
     parser.add_argument("--cache-dir", default=None, help="decomposition cache (default: a fresh temporary folder)")
     parser.add_argument("--decomposition", action="store_true", help="time the whole-UNet decomposition instead")

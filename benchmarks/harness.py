@@ -3,8 +3,8 @@
 Every method is measured by `measure_method`, meant to run in a fresh process (`python -m benchmarks.run`
 starts one per method) so that memory peaks never mix. It reports the median training step
 (forward, backward, AdamW step), the peak memory of the training phase, AdamW's state, the adapter
-file, the time to load and fuse it, and the sampling step (one UNet call with the classifier-free
-guidance batch) unfused and fused, each next to the bare base UNet measured in the same process.
+file, the time to load and fuse it (and to load and merge it for good), and the sampling step (one UNet call with
+the classifier-free guidance batch) unfused and fused, each next to the bare base UNet measured in the same process.
 `measure_decomposition` times the whole-UNet decomposition with and without the cache.
 
 The functions return plain dicts; printing and files are the script's job.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from filteratom_sd.core.adapter_file import save_adapter
-from filteratom_sd.core.api import fuse_adapter, load_adapter, unfuse_adapter, unload_adapter
+from filteratom_sd.core.api import fuse_adapter, load_adapter, merge_and_unload, unfuse_adapter, unload_adapter
 from filteratom_sd.core.fast_paths import prepare_compile
 from filteratom_sd.core.fingerprint import forget_signatures
 from filteratom_sd.core.inject import add_adapter, remove_adapter
@@ -391,6 +391,15 @@ class MethodHarness:
             return
         unfuse_adapter(unet)
 
+    def merge_and_unload(self, unet: nn.Module) -> None:
+        """Fuse for good (no unfuse), as a sampling process that never switches adapters does."""
+        if self.kind == "peft-lora":
+            for layer in _peft_layers(unet):
+                layer.merge()  # peft's merge adds into the base weight in place
+            self.unload(unet)
+            return
+        merge_and_unload(unet)
+
     def unload(self, unet: nn.Module) -> None:
         if self.kind == "peft-lora":
             for name in [n for n, m in unet.named_modules() if m in set(_peft_layers(unet))]:
@@ -565,6 +574,10 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
             fuses.append(timed(device, lambda: harness.fuse(unet)))
             fused.extend(sample_times()[1])
             harness.unload(unet)
+        if path is not None:  # last: the base weights stay merged
+            forget_signatures()
+            out["load_merge_s"] = timed(device, lambda: harness.load(unet, path)) + \
+                timed(device, lambda: harness.merge_and_unload(unet))
     out.update(
         sample_base_s=_median(base),
         sample_unfused_s=_median(unfused),
@@ -635,12 +648,13 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     lora = results.get("lora-r4", {})
     floor = results.get("base", {})
     header = ("| method | trainable | train step (s) | first step (s) | × floor | × LoRA r=4 | peak train mem (MB) "
-              "| × LoRA r=4 | AdamW state (KB) | adapter file (KB) | load + fuse (s) | sample unfused (s) | × base "
+              "| × LoRA r=4 | AdamW state (KB) | adapter file (KB) | load + fuse (s) | load + merge (s) "
+              "| sample unfused (s) | × base "
               "| sample fused (s) | × base |")
-    rows = [header, "|" + "|".join(["---"] + ["---:"] * 14) + "|"]
+    rows = [header, "|" + "|".join(["---"] + ["---:"] * 15) + "|"]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | {r['error']} |" + " |" * 13)
+            rows.append(f"| {name} | {r['error']} |" + " |" * 14)
             continue
         mb = r["peak_train_bytes"] / 2**20
         rows.append(
@@ -649,7 +663,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
             f"| {_ratio(r['train_step_s'], lora.get('train_step_s'))} | {mb:,.0f} "
             f"| {_ratio(r['peak_train_bytes'], lora.get('peak_train_bytes'))} | {r['optimizer_state_bytes'] / 1024:,.1f} "
             f"| {_kb(r.get('adapter_file_bytes'))} "
-            f"| {_fmt(r.get('load_fuse_s'))} | {_fmt(r.get('sample_unfused_s'))} "
+            f"| {_fmt(r.get('load_fuse_s'))} | {_fmt(r.get('load_merge_s'))} | {_fmt(r.get('sample_unfused_s'))} "
             f"| {_ratio(r.get('sample_unfused_s'), r.get('sample_base_s'))} | {_fmt(r.get('sample_fused_s'))} "
             f"| {_ratio(r.get('sample_fused_s'), r.get('sample_base_s'))} |"
         )

@@ -180,7 +180,7 @@ def train(**kwargs: Any) -> None:
 @click.option("--width", type=int)
 @click.option("--out", default="samples", show_default=True, help="Output folder.")
 @click.option("--grid", is_flag=True, help="Also save one grid per prompt.")
-@click.option("--fuse", is_flag=True, help="Fuse the adapters into the weights before sampling.")
+@click.option("--fuse", is_flag=True, help="Merge the adapters into the weights (in place) before sampling.")
 @click.option("--batch-size", default=4, show_default=True, type=int, help="Images per pipeline call (same images).")
 def sample(prompts, prompts_file, adapters, scales, model, num_images, steps, guidance_scale, seed, height, width, out,
            grid, fuse, batch_size) -> None:

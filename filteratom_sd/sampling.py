@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .checks import MAX_ADAPTER_SCALE, MAX_GUIDANCE, MAX_SEED
-from .core.api import fuse_adapter, load_adapter
+from .core.api import load_adapter, merge_and_unload
 from .errors import UserInputError
 from .generation import truncate_prompt
 from .images import save_grid, save_image
@@ -83,7 +83,7 @@ def run_sampling(request: SampleRequest) -> list[Path]:
     for i, adapter in enumerate(request.adapters):
         load_adapter(pipe, adapter, scale=request.scales[i] if request.scales else 1.0)
     if request.fuse:
-        fuse_adapter(pipe)
+        merge_and_unload(pipe)  # this process never unfuses: write into the weights' own storage, keep no backup
     steps, guidance = _DEFAULTS[request.model is None]
     written = []
     for index, prompt in enumerate(request.prompts):

@@ -47,7 +47,8 @@ def test_adapter_file_size_is_the_written_file(results):
 def test_every_timing_is_positive_and_the_table_has_a_row_per_method(results):
     for method in ("C1", "lora-r4"):
         r = results[method]
-        for key in ("train_step_s", "sample_base_s", "sample_unfused_s", "sample_fused_s", "load_fuse_s"):
+        for key in ("train_step_s", "sample_base_s", "sample_unfused_s", "sample_fused_s", "load_fuse_s",
+                    "load_merge_s"):
             assert r[key] > 0, key
         assert r["peak_train_bytes"] > 0
     table = markdown_table({k: v for k, v in results.items()}).splitlines()

@@ -154,6 +154,30 @@ def test_merge_unmerge_restore_exactly_and_scale_multiplies():
     assert layer.scales == {"default": 0.0}
 
 
+
+@pytest.mark.parametrize("preset", ["C1", "C2", "C3"])
+def test_in_place_add_writes_the_bits_of_a_new_tensor(preset, monkeypatch):
+    monkeypatch.setattr("filteratom_sd.filter_atoms.delta._CHUNK_ELEMENTS", 256)  # several chunks per layer
+    unet = make_unet()
+    add_filter_atoms(unet, FilterAtomConfig.preset(preset))
+    gen = torch.Generator().manual_seed(2)
+    taken = set()
+    for layer in (m for m in unet.modules() if isinstance(m, AdaptedLayer)):
+        delta = layer.deltas["default"]
+        with torch.no_grad():
+            for p in delta.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+            weight = layer.base_layer.weight.detach()
+            expected = delta.add_to(weight, weight, 0.7)
+            in_place = weight.clone()
+            if delta.add_in_place(in_place, 0.7):
+                taken.add(delta.layout)
+                assert torch.equal(in_place, expected)
+            else:
+                assert torch.equal(in_place, weight)
+    # C3's k x k convs are overcomplete (one transform per input channel): they keep the new-tensor build
+    assert taken == ({"blocks"} if preset == "C3" else {"conv", "blocks"})
+
 def test_forward_runs_one_convolution():
     unet = make_unet()
     add_filter_atoms(unet, FilterAtomConfig.preset("C1"))

@@ -21,7 +21,7 @@ from filteratom_sd.core.inject import attached_adapters
 from filteratom_sd.methods.registry import method_class
 from filteratom_sd.methods.liera import lie_update
 from filteratom_sd.filter_atoms.param_count import lora_parameters
-from filteratom_sd.core.api import fuse_adapter, load_adapter, set_adapter_scale, unfuse_adapter, unload_adapter
+from filteratom_sd.core.api import fuse_adapter, load_adapter, merge_and_unload, set_adapter_scale, unfuse_adapter, unload_adapter
 
 from .tiny_unet import make_inputs, make_unet, run
 
@@ -343,3 +343,43 @@ def test_a_file_that_does_not_fit_its_config_is_refused_and_leaves_the_base(name
         load_adapter(fresh, tmp_path / "bad.safetensors")
     assert_is_base(fresh)
     assert torch.equal(run(fresh, inputs), base_output)
+
+
+
+
+def assert_merged_in_place(path: Path) -> None:
+    """merge_and_unload leaves the weights fuse + unload leave, in the base parameters' own storage."""
+    fused_first = make_unet()
+    load_adapter(fused_first, path)
+    fuse_adapter(fused_first)  # keeps W as the backup, which merge_and_unload then drops
+    merge_and_unload(fused_first)
+    unet = make_unet()
+    storage = {name: p.data_ptr() for name, p in unet.named_parameters()}
+    load_adapter(unet, path)
+    merge_and_unload(unet)
+    got, want, base = unet.state_dict(), fused_first.state_dict(), make_unet().state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(got[k], base[k]) for k in base)
+    assert [name for name, p in unet.named_parameters() if p.data_ptr() != storage[name]] == []
+
+
+def test_merge_and_unload_writes_the_fused_weights_into_the_base_storage(trained):
+    assert_merged_in_place(trained.path)
+
+
+@pytest.mark.parametrize("preset", ["C1", "C2", "C3"])
+def test_filter_atoms_merge_and_unload_in_place(preset, tmp_path):
+    from .test_adapter_files import trained_adapter
+
+    assert_merged_in_place(trained_adapter(tmp_path, preset)[1])
+
+
+def test_a_fuse_without_backup_refuses_to_unfuse(trained, inputs):
+    unet = make_unet()
+    load_adapter(unet, trained.path)
+    for method in attached_adapters(unet).values():
+        method.fuse(unet, backup=False)
+    fused = run(unet, inputs)
+    with pytest.raises(ConfigError, match="without a backup"):
+        unfuse_adapter(unet)
+    assert torch.equal(run(unet, inputs), fused)

@@ -199,7 +199,8 @@ def merge_and_unload(pipe: Any) -> None:
     adapters added stay in the tokenizer: the merged weights need them.
     """
     unet = _unet(pipe)
-    fuse_adapter(unet)
+    for method in attached_adapters(unet).values():
+        method.fuse(unet, backup=False)  # in the base weights' own storage: no second copy of the UNet's weights
     for name, method in list(attached_adapters(unet).items()):
         method.unload_fused(unet)
         record_adapter(unet, name, None)

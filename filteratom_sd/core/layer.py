@@ -37,9 +37,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .fast_paths import TRAIN_PATHS, RebuiltWeightOp, activation_op, is_compiling
+from .fuse_backup import fuse_backup
 
-# Foreign wrappers (peft's layers) that we fuse keep (weight, bias) of their base here for an exact unfuse.
-FUSE_BACKUP_ATTR = "filteratom_fuse_backup"
 OFFLOADED = ("This UNet's weights are on the meta device, where sequential CPU offload keeps them: load adapters and call "
              "merge_and_unload(pipe) before pipe.enable_sequential_cpu_offload(), or call pipe.remove_all_hooks() first.")
 
@@ -71,6 +70,13 @@ class WeightDelta(nn.Module):
         `weight` is the layer's unmerged base weight; subclasses fuse the sum into fewer kernels.
         """
         return torch.add(accumulator, self.delta_weight(weight).to(accumulator.dtype), alpha=scale)
+
+    def add_in_place(self, weight: Tensor, scale: float) -> bool:
+        """Add `scale * dW(weight)` into `weight`'s own storage, the bits `add_to(weight, weight, scale)` gives.
+
+        Returns False, with `weight` untouched, where this update cannot; the caller then adds a new tensor.
+        """
+        return False
 
     def attach(self, layer: "AdaptedLayer") -> None:
         """Called when the update is added to `layer`."""
@@ -273,14 +279,26 @@ class AdaptedLayer(nn.Module):
         return self.run(x, weight, bias)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Write the active updates into the base weight; W is kept for an exact unmerge."""
+    def merge(self, backup: bool = True) -> None:
+        """Write the active updates into the base weight; W is kept for an exact unmerge.
+
+        `backup=False` overwrites W in its own storage (one layer's W_eff is the only extra memory) and the layer can
+        no longer be unmerged: for `merge_and_unload`, which drops the wrapper next.
+        """
         names = self._active()
         if not names:
             return
-        weight, bias = self.effective_weight_and_bias(names)
         base = self.base_layer
-        if self._weight_backup is None:
+        if not backup and self._weight_backup is None and len(names) == 1 and \
+                self.deltas[names[0]].add_in_place(base.weight.data, self.scales[names[0]]):
+            db = self._delta_bias(names)
+            if db is not None and base.bias is not None:
+                base.bias.data.add_(db.to(base.bias.dtype))
+            self.merged.extend(names)
+            self.clear_cache()
+            return
+        weight, bias = self.effective_weight_and_bias(names)
+        if self._weight_backup is None and backup:
             # W_eff is a new tensor: hand it to the parameter and keep W's own storage as the backup (no copies).
             self._weight_backup = base.weight.data
             base.weight.data = weight.detach()
@@ -298,6 +316,8 @@ class AdaptedLayer(nn.Module):
     def unmerge(self) -> None:
         """Restore the base weight bit for bit."""
         if self._weight_backup is None:
+            if self.merged:
+                raise ConfigError("This layer was fused without a backup of its base weight and cannot be unfused.")
             return
         base = self.base_layer
         _restore(base.weight, self._weight_backup)
@@ -368,22 +388,7 @@ def unmerged_weight(module: nn.Module) -> Tensor:
     """The base weight before any fuse: what an adapter is made for (ours, peft's, or none)."""
     if isinstance(module, AdaptedLayer):
         return module.reference_weight()
-    backup = getattr(module, FUSE_BACKUP_ATTR, None)
+    backup = fuse_backup(module)
     if backup is not None:
         return backup[0]
     return base_layer_of(module).weight
-
-
-def keep_fuse_backup(module: nn.Module, base: nn.Module) -> None:
-    """Store a copy of `base`'s weight and bias on a foreign wrapper before it is first fused."""
-    if getattr(module, FUSE_BACKUP_ATTR, None) is None:
-        bias = None if base.bias is None else base.bias.detach().clone()
-        setattr(module, FUSE_BACKUP_ATTR, (base.weight.detach().clone(), bias))
-
-
-def pop_fuse_backup(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
-    """Remove and return the backup `keep_fuse_backup` stored (None when there is none)."""
-    backup = getattr(module, FUSE_BACKUP_ATTR, None)
-    if backup is not None:
-        delattr(module, FUSE_BACKUP_ATTR)
-    return backup

@@ -67,8 +67,11 @@ class AdapterMethod(ABC):
         """Multiply this adapter's update by `scale`."""
 
     @abstractmethod
-    def fuse(self, unet: nn.Module) -> None:
-        """Write the active updates into the base weights (inference with no overhead)."""
+    def fuse(self, unet: nn.Module, backup: bool = True) -> None:
+        """Write the active updates into the base weights (inference with no overhead).
+
+        `backup=False` writes into the base weights' own storage and keeps nothing to unfuse with (`merge_and_unload`).
+        """
 
     @abstractmethod
     def unfuse(self, unet: nn.Module) -> None:
@@ -127,9 +130,9 @@ class LayerDeltaMethod(AdapterMethod):
         for layer in self.adapted_layers(unet).values():
             layer.set_scale(adapter_name, scale)
 
-    def fuse(self, unet: nn.Module) -> None:
+    def fuse(self, unet: nn.Module, backup: bool = True) -> None:
         for layer in self.adapted_layers(unet).values():
-            layer.merge()
+            layer.merge(backup)
 
     def unfuse(self, unet: nn.Module) -> None:
         for layer in self.adapted_layers(unet).values():

@@ -215,15 +215,46 @@ class AtomDelta(WeightDelta):
             return torch.add(accumulator, (alpha @ delta).to(dtype).reshape(accumulator.shape), alpha=scale)
         a, b = self.coefficient_shape
         blocks = accumulator.reshape(a, p, b, q)
-
-        def update(part: slice) -> Tensor:
-            # matmul reads the blocks' alpha in its stored (a, m, b) order; a reshape to (a b, m) would copy it
-            return torch.matmul(self._alpha[part], delta).to(dtype).reshape(-1, b, p, q).permute(0, 2, 1, 3)
-
         if _wants_grad(accumulator, delta, self._alpha):
             # accumulator first: the sum takes its (contiguous) layout, the update is read strided
-            return torch.add(blocks, update(slice(None)), alpha=scale).reshape(accumulator.shape)
+            return torch.add(blocks, self._block_update(slice(None), dtype), alpha=scale).reshape(accumulator.shape)
         out = torch.empty_like(accumulator)
         for part in _chunks(a, p * b * q):
-            torch.add(blocks[part], update(part), alpha=scale, out=out.view(a, p, b, q)[part])
+            torch.add(blocks[part], self._block_update(part, dtype), alpha=scale, out=out.view(a, p, b, q)[part])
         return out
+
+    def _block_update(self, part: slice, dtype: torch.dtype) -> Tensor:
+        """Rows `part` of the Kronecker update, as (rows, p, b, q) blocks."""
+        m, p, q = self.atoms0.shape
+        b = self.coefficient_shape[1]
+        # matmul reads the blocks' alpha in its stored (a, m, b) order; a reshape to (a b, m) would copy it
+        update = torch.matmul(self._alpha[part], self.delta_atoms.reshape(m, p * q))
+        return update.to(dtype).reshape(-1, b, p, q).permute(0, 2, 1, 3)
+
+    @torch.no_grad()
+    def add_in_place(self, weight: Tensor, scale: float) -> bool:
+        # the two chunked forms of `add_to`, chunk by chunk into W: each chunk of W_eff needs only the same chunk of W
+        if self.delta_alpha is not None or self.overcomplete or not weight.is_contiguous():
+            return False
+        m, p, q = self.atoms0.shape
+        d = p * q
+        if self.derived:
+            transform = self.tap_transform().to(weight.dtype)
+            if transform.shape[0] != 1:
+                return False
+            rows = weight.view(-1, d)
+            parts = _chunks(rows.shape[0], d)
+            scratch = torch.empty((min(parts[0].stop, rows.shape[0]), d), dtype=weight.dtype, device=weight.device)
+            for part in parts:
+                chunk = rows[part]
+                block = scratch[: chunk.shape[0]]
+                torch.addmm(chunk, chunk, transform[0], alpha=scale, out=block)  # a GEMM must not write its own input
+                chunk.copy_(block)
+            return True
+        if self.layout != "blocks":
+            return False
+        a, b = self.coefficient_shape
+        blocks = weight.view(a, p, b, q)
+        for part in _chunks(a, p * b * q):
+            torch.add(blocks[part], self._block_update(part, weight.dtype), alpha=scale, out=blocks[part])
+        return True

@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..core.layer import AdaptedLayer, keep_fuse_backup, pop_fuse_backup
+from ..core.fuse_backup import keep_fuse_backup, pop_fuse_backup
+from ..core.layer import AdaptedLayer
 from ..core.method import AdapterMethod
 from ..core.targets import set_submodule
 from ..errors import AdapterFormatError, ConfigError
@@ -198,10 +199,11 @@ class PeftMethod(OptionsBacked, AdapterMethod):
             layer.set_scale(adapter_name, float(scale))
 
     @torch.no_grad()
-    def fuse(self, unet: nn.Module) -> None:
+    def fuse(self, unet: nn.Module, backup: bool = True) -> None:
         for target in self.targets:
             outer = unet.get_submodule(target)
-            keep_fuse_backup(outer, outer.get_base_layer())
+            if backup:
+                keep_fuse_backup(outer, outer.get_base_layer())
             for layer in tuner_chain(outer):
                 if adapters_on(layer) - set(layer.merged_adapters):
                     layer.merge()
@@ -215,6 +217,8 @@ class PeftMethod(OptionsBacked, AdapterMethod):
     def _restore(outer: nn.Module) -> None:
         backup = pop_fuse_backup(outer)
         if backup is None:
+            if any(layer.merged_adapters for layer in tuner_chain(outer)):
+                raise ConfigError("This layer was fused without a backup of its base weight and cannot be unfused.")
             return
         base = outer.get_base_layer()
         weight, bias = backup

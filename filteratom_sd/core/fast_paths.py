@@ -266,9 +266,10 @@ def activation_op(layer: Any, x: Tensor, names: list[str]) -> Callable[[Tensor, 
     `train_path` asks for it, an update does not have the needed form, or under "auto" it costs less
     (small layers, or many activation rows).
     """
-    base, deltas = layer.base_layer, [layer.deltas[n] for n in names]
+    base = layer.base_layer
     if layer.train_path == "weight" or (layer.train_path == "auto" and base.weight.numel() < MIN_ACTIVATION_PATH_ENTRIES):
         return None
+    deltas = [layer.deltas[n] for n in names]
     conv = isinstance(base, nn.Conv2d)
     if conv and base.groups == 1 and all(getattr(d, "supports_taps", False) for d in deltas):
         taps = base.kernel_size[0] * base.kernel_size[1]

@@ -170,7 +170,8 @@ class AdaptedLayer(nn.Module):
         self._cached = None
 
     def _active(self) -> list[str]:
-        return [n for n in self.deltas if n not in self.merged and self.scales[n] != 0.0]
+        # `scales` has the keys of `deltas`, in the same order, without nn.Module's attribute lookup
+        return [n for n, scale in self.scales.items() if scale != 0.0 and n not in self.merged]
 
     def delta_weight(self, names: list[str] | None = None) -> Tensor:
         """Sum of s_n * dW_n over the given (default: active unmerged) updates."""
@@ -226,16 +227,23 @@ class AdaptedLayer(nn.Module):
         return True
 
     def _cache_key(self, names: list[str]) -> tuple | None:
+        # plain dict reads: nn.Module.__getattr__, modules() and parameters() cost more than a small layer's convolution
+        base, deltas = self._modules["base_layer"], self._modules["deltas"]._modules
         try:
-            weight = self.base_layer.weight
+            weight = base.weight
             parts: list[Any] = [tuple(names), tuple(self.scales[n] for n in names), weight.dtype, weight.device]
-            tensors = [weight, self.base_layer.bias, self._weight_backup]
-            # the modules' own dicts: parameters()/buffers() generators cost more than the convolution on small layers
-            tensors += [t for n in names for module in self.deltas[n].modules()
-                        for t in itertools.chain(module._parameters.values(), module._buffers.values())]
+            tensors = [weight, base.bias, self._buffers["_weight_backup"]]
+            for n in names:
+                delta = deltas[n]
+                for module in delta.modules() if delta._modules else (delta,):
+                    tensors += module._parameters.values()
+                    tensors += module._buffers.values()
+            # new storage (a cast, a move, a replaced tensor) changes the pointer; in-place edits the version
             for t in tensors:
-                # new storage (a cast, a move, a replaced tensor) changes the pointer; in-place edits the version
-                parts.append(None if t is None else (t.data_ptr(), t._version))
+                if t is None:
+                    parts.append(None)
+                else:
+                    parts += (t.data_ptr(), t._version)
             return tuple(parts)
         except RuntimeError:  # inference-mode tensors carry no version counter: do not cache
             return None
@@ -264,8 +272,9 @@ class AdaptedLayer(nn.Module):
         params = self._trainable(names) if torch.is_grad_enabled() else []
         # without gradients only on the CPU, where im2col + GEMM outran oneDNN at small sizes and no W_eff stays resident
         sampling_on_cpu = not params and x.device.type == "cpu" and not is_compiling()
-        through_activations = activation_op(self, x, names) if (params or sampling_on_cpu) and self._can_recompute() \
-            else None
+        through_activations = activation_op(self, x, names) if params or sampling_on_cpu else None
+        if through_activations is not None and not self._can_recompute():
+            through_activations = None
         if through_activations is not None:
             self._cached = None
             return through_activations(x, self, names)

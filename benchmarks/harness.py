@@ -396,22 +396,28 @@ class MethodHarness:
         if self.kind == "peft-lora":
             for layer in _peft_layers(unet):
                 layer.merge()  # peft's merge adds into the base weight in place
-            self.unload(unet)
+            _remove_peft_layers(unet)
             return
         merge_and_unload(unet)
 
     def unload(self, unet: nn.Module) -> None:
         if self.kind == "peft-lora":
-            for name in [n for n, m in unet.named_modules() if m in set(_peft_layers(unet))]:
-                layer = unet.get_submodule(name)
+            for layer in _peft_layers(unet):
                 if layer.merged:
                     layer.unmerge()
-                parent, _, child = name.rpartition(".")
-                setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
-            if hasattr(unet, "peft_config"):
-                del unet.peft_config
+            _remove_peft_layers(unet)
             return
         unload_adapter(unet)
+
+
+def _remove_peft_layers(unet: nn.Module) -> None:
+    """Put each peft layer's base layer back in its place (merged weights stay merged)."""
+    layers = {id(m) for m in _peft_layers(unet)}
+    for name in [n for n, m in unet.named_modules() if id(m) in layers]:
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, child, unet.get_submodule(name).get_base_layer())
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
 
 
 def _peft_layers(unet: nn.Module) -> list[nn.Module]:

@@ -91,13 +91,14 @@ def test_interrupt_saves_and_resume_equals_an_uninterrupted_run(tmp_path, monkey
     train(quick_settings(tmp_path / "whole", steps=6, checkpoint_every=100), progress=False)
 
     out = tmp_path / "stopped"
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # SIG_IGN where started in the background
     with monkeypatch.context() as patch:
         _interrupt_at(patch, 3, signum)
         with pytest.raises(TrainingInterrupted) as stopped:
             train(quick_settings(out, steps=6, checkpoint_every=100), progress=False)
     assert stopped.value.step == 3 and stopped.value.signum == signum
     assert (out / "checkpoints" / "step-000003").is_dir() and (out / "castle.safetensors").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
 
     result = train(quick_settings(out, steps=6, checkpoint_every=100), resume=True, progress=False)
     assert len(result.losses) == 6

@@ -28,7 +28,6 @@ and `set_train_path`.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -239,11 +238,7 @@ class AdaptedLayer(nn.Module):
                     tensors += module._parameters.values()
                     tensors += module._buffers.values()
             # new storage (a cast, a move, a replaced tensor) changes the pointer; in-place edits the version
-            for t in tensors:
-                if t is None:
-                    parts.append(None)
-                else:
-                    parts += (t.data_ptr(), t._version)
+            parts += [None if t is None else (t.data_ptr(), t._version) for t in tensors]
             return tuple(parts)
         except RuntimeError:  # inference-mode tensors carry no version counter: do not cache
             return None

@@ -16,9 +16,10 @@ from typing import Any
 
 from ..errors import UserInputError
 
-# More --steps continues the same trajectory (the LR schedule does not depend on the total); the others
-# only change when checkpoints, validation grids and logs are written, or how the gradients and class images are
-# computed (class images enter by content; torch.compile rounds differently, as another device would).
+# More --steps continues from the checkpoint, as diffusers' scripts do (a schedule that depends on the total, such
+# as cosine, then follows the new total's curve from that step on); the others only change when checkpoints,
+# validation grids and logs are written, or how the gradients and class images are computed (class images enter by
+# content; torch.compile rounds differently, as another device would).
 SAFE_TO_CHANGE = ("steps", "checkpoint_every", "checkpoints_total_limit", "validation_prompts", "validation_every",
                   "validation_steps", "guidance_scale", "on_nan", "gradient_checkpointing", "output_dir",
                   "sample_batch_size", "compile", "compile_backend")

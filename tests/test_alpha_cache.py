@@ -71,3 +71,30 @@ def test_loading_an_adapter_uses_the_cache_when_its_atoms_match(cache_dir, tmp_p
     fresh = make_unet()
     load_adapter(fresh, path)
     torch.testing.assert_close(run(fresh, make_inputs()), run(trained, make_inputs()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_an_entry_whose_alpha_is_not_finite_is_not_used(cache_dir, bad):
+    from safetensors.torch import load_file, save_file
+
+    config = FilterAtomConfig.preset("C1")
+    _, path = decompose_unet(make_unet(), config)
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith(".alpha"))
+    tensors[key].view(-1)[tensors[key].numel() // 2] = bad
+    save_file(tensors, str(path))
+    targets = list(select_targets(make_unet(), config)[0])
+    assert cached_decompositions(make_unet(), config, targets) is None
+    assert not path.exists()
+
+
+def test_cached_block_alpha_is_read_in_the_order_the_layers_keep_it(cache_dir):
+    config = FilterAtomConfig.preset("C1")
+    found, _ = decompose_unet(make_unet(), config)
+    cached = cached_decompositions(make_unet(), config, list(found))
+    blocks = [name for name, layer in found.items() if layer.layout == "blocks" and layer.alpha is not None]
+    assert blocks
+    for name in blocks:
+        alpha = cached[name].alpha
+        assert torch.equal(alpha, found[name].alpha.float())
+        assert alpha.permute(0, 2, 1).is_contiguous()  # (a, m, b) in memory: AtomDelta keeps it without a copy

@@ -13,7 +13,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -22,12 +21,15 @@ from ..atomic import atomic_path
 from ..core.fingerprint import fingerprint
 from ..core.layer import base_layer_of, unmerged_weight
 from .config import FilterAtomConfig
-from .decomposition import LayerDecomposition, atoms_are_usable, decompose_layers, derives_alpha, needs_alpha
+from .decomposition import (LayerDecomposition, all_finite, atoms_are_usable, decompose_layers, derives_alpha,
+                            needs_alpha)
 from .targets import check_block_size, select_targets
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "FILTERATOM_SD_CACHE_DIR"
+# Part of the key: 2 stores the blocks' alpha in (a, m, b) order, so entries of the first layout are not read as it.
+_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -39,7 +41,8 @@ def default_cache_dir() -> Path:
 def cache_key(unet: nn.Module, config: FilterAtomConfig, targets: list[str]) -> str:
     """Hex key from the base fingerprint, the decomposition settings and the target list."""
     payload = json.dumps(
-        {"base": fingerprint(unet, targets)["digest"], "config": config.decomposition_key(), "targets": sorted(targets)},
+        {"base": fingerprint(unet, targets)["digest"], "config": config.decomposition_key(), "targets": sorted(targets),
+         "format": _FORMAT},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -60,8 +63,10 @@ def _read_entry(path: Path, unet: nn.Module, config: FilterAtomConfig,
             layout = _layout(shape)
             wanted = needs_alpha(layout, shape, config)
             alpha = handle.get_tensor(f"{t}.alpha") if wanted and f"{t}.alpha" in keys else None
+            if alpha is not None and layout == "blocks":
+                alpha = alpha.permute(0, 2, 1)  # stored in the (a, m, b) order `AtomDelta` keeps: no copy
             atoms0 = handle.get_tensor(f"{t}.atoms0")
-            if not atoms_are_usable(atoms0) or (alpha is not None and not bool(torch.isfinite(alpha).all())):
+            if not atoms_are_usable(atoms0) or (alpha is not None and not all_finite(alpha)):
                 return None
             out[t] = LayerDecomposition(alpha, atoms0, float("nan"), 0.0, layout, shape)
     return out
@@ -110,7 +115,8 @@ def decompose_unet(unet: nn.Module, config: FilterAtomConfig,
     tensors = {}
     for name, layer in found.items():
         if layer.alpha is not None:
-            tensors[f"{name}.alpha"] = layer.alpha.float().cpu().contiguous()
+            alpha = layer.alpha.float().cpu()
+            tensors[f"{name}.alpha"] = (alpha.permute(0, 2, 1) if layer.layout == "blocks" else alpha).contiguous()
         tensors[f"{name}.atoms0"] = layer.atoms0.cpu().contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"config": json.dumps(config.decomposition_key())})

@@ -40,6 +40,14 @@ class LayerDecomposition:
     shape: tuple[int, ...]
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """No NaN or infinity in `tensor`, in one reduction (`isfinite(t).all()` first writes a mask of its size)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)  # NaN propagates into both
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def atoms_are_usable(atoms: Tensor) -> bool:
     """True for finite fixed atoms (m x p x q) whose first min(m, p*q) directions are independent.
 

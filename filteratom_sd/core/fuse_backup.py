@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 FUSE_BACKUP_ATTR = "filteratom_fuse_backup"
+# What unfusing says after `merge_and_unload`'s fuse, which keeps no backup.
+NO_BACKUP = "This layer was fused without a backup of its base weight and cannot be unfused."
 
 
 def keep_fuse_backup(module: nn.Module, base: nn.Module) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .fast_paths import TRAIN_PATHS, RebuiltWeightOp, activation_op, is_compiling
-from .fuse_backup import fuse_backup
+from .fuse_backup import NO_BACKUP, fuse_backup
 
 OFFLOADED = ("This UNet's weights are on the meta device, where sequential CPU offload keeps them: load adapters and call "
              "merge_and_unload(pipe) before pipe.enable_sequential_cpu_offload(), or call pipe.remove_all_hooks() first.")
@@ -268,9 +268,7 @@ class AdaptedLayer(nn.Module):
         # without gradients only on the CPU, where im2col + GEMM outran oneDNN at small sizes and no W_eff stays resident
         sampling_on_cpu = not params and x.device.type == "cpu" and not is_compiling()
         through_activations = activation_op(self, x, names) if params or sampling_on_cpu else None
-        if through_activations is not None and not self._can_recompute():
-            through_activations = None
-        if through_activations is not None:
+        if through_activations is not None and self._can_recompute():
             self._cached = None
             return through_activations(x, self, names)
         if params:
@@ -321,7 +319,7 @@ class AdaptedLayer(nn.Module):
         """Restore the base weight bit for bit."""
         if self._weight_backup is None:
             if self.merged:
-                raise ConfigError("This layer was fused without a backup of its base weight and cannot be unfused.")
+                raise ConfigError(NO_BACKUP)
             return
         base = self.base_layer
         _restore(base.weight, self._weight_backup)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..core.fuse_backup import keep_fuse_backup, pop_fuse_backup
+from ..core.fuse_backup import NO_BACKUP, keep_fuse_backup, pop_fuse_backup
 from ..core.layer import AdaptedLayer
 from ..core.method import AdapterMethod
 from ..core.targets import set_submodule
@@ -218,7 +218,7 @@ class PeftMethod(OptionsBacked, AdapterMethod):
         backup = pop_fuse_backup(outer)
         if backup is None:
             if any(layer.merged_adapters for layer in tuner_chain(outer)):
-                raise ConfigError("This layer was fused without a backup of its base weight and cannot be unfused.")
+                raise ConfigError(NO_BACKUP)
             return
         base = outer.get_base_layer()
         weight, bias = backup

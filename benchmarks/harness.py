@@ -32,7 +32,7 @@ from torch import nn
 
 from filteratom_sd.core.adapter_file import save_adapter
 from filteratom_sd.core.api import fuse_adapter, load_adapter, merge_and_unload, unfuse_adapter, unload_adapter
-from filteratom_sd.core.fast_paths import prepare_compile
+from filteratom_sd.core.fast_paths import compiled
 from filteratom_sd.core.fingerprint import forget_signatures
 from filteratom_sd.core.inject import add_adapter, remove_adapter
 from filteratom_sd.core.layer import set_train_path, set_weight_recompute
@@ -507,8 +507,7 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     unet.train()
     train_unet = unet
     if settings.compile is not None:  # every method the same way, so LoRA gets the same help
-        prepare_compile()
-        train_unet = torch.compile(unet, mode=None if settings.compile == "default" else settings.compile)
+        train_unet = compiled(unet, settings.compile)
 
     def train_step() -> None:
         with autocast(settings, device):

@@ -37,6 +37,12 @@ def prepare_compile() -> None:
     torch._dynamo.config.trace_autograd_ops = True
 
 
+def compiled(module: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
+    """`module` under torch.compile, its adapted layers traced whole; `mode` "default" is torch's own default."""
+    prepare_compile()
+    return torch.compile(module, backend=backend, mode=None if mode == "default" else mode)
+
+
 def _cast(dtype: torch.dtype | None, x: Tensor, weight: Tensor, bias: Tensor | None):
     # what F.conv2d / F.linear would do under autocast, done by hand so forward and backward agree
     if dtype is None:

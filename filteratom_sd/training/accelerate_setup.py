@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..core.fast_paths import prepare_compile
+from ..core.fast_paths import compiled, prepare_compile
 from ..errors import ConfigError
 from .reporting import trackers
 from .settings import TrainingSettings
@@ -40,11 +39,9 @@ def compile_unet(settings: TrainingSettings, unet: nn.Module) -> nn.Module:
     """
     if settings.compile is None:
         return unet
-    prepare_compile()
     logger.info("torch.compile (%s, mode %s): the first step compiles the UNet", settings.compile_backend,
                 settings.compile)
-    mode = None if settings.compile == "default" else settings.compile
-    return torch.compile(unet, backend=settings.compile_backend, mode=mode)
+    return compiled(unet, settings.compile, settings.compile_backend)
 
 
 def plain_model(accelerator: Any, model: nn.Module) -> nn.Module:

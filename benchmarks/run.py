@@ -38,6 +38,7 @@ from benchmarks.harness import (
     resolve_device,
     settings_dict,
 )
+from benchmarks.repeats import median_result, pass_order, spread_table
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # workers run `-m benchmarks.run` from here
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="passes over the methods, alternating their order; medians and per-pass ratios reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true", help="GPU only")
@@ -88,7 +91,7 @@ def settings_from(args: argparse.Namespace, work_dir: str | None = None) -> Benc
 def worker_command(args: argparse.Namespace, method: str, result: Path, cache_dir: str) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.run", "--worker", method, "--result", str(result)]
     for key, value in vars(args).items():
-        if key in ("worker", "result", "json", "methods", "decomposition", "cache_dir", "system_malloc") \
+        if key in ("worker", "result", "json", "methods", "decomposition", "cache_dir", "system_malloc", "repeat") \
                 or value in (None, False):
             continue
         flag = "--" + key.replace("_", "-")
@@ -125,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"Error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.", file=sys.stderr)
         return 2
+    if args.repeat < 1:
+        print(f"Error: --repeat must be at least 1, got {args.repeat}.", file=sys.stderr)
+        return 2
     results: dict[str, dict] = {}
+    passes: list[dict[str, dict]] = []
     report = {
         "settings": {**settings_dict(settings), "malloc_mmap_threshold": None if args.system_malloc else MMAP_THRESHOLD},
         "device": device_info(resolve_device(settings.device)),
@@ -134,25 +141,41 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="fa-bench-") as tmp:
         cache_dir = args.cache_dir or str(Path(tmp) / "decompositions")
-        for method in methods:
-            work = Path(tmp) / method
-            work.mkdir()
-            result = work / "result.json"
-            proc = subprocess.run(worker_command(args, method, result, cache_dir), capture_output=True, text=True,
-                                  env=worker_env(args), cwd=REPO_ROOT)
-            if proc.returncode != 0 or not result.is_file():
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                results[method] = {"error": f"failed: {last}"}
-            else:
-                results[method] = json.loads(result.read_text())
-                if "profile" in results[method]:
-                    print(f"{method}: one training step\n{results[method]['profile']}", file=sys.stderr)
-            print(f"{method}: done", file=sys.stderr, flush=True)
-            report["table"] = markdown_table(results)
-            if args.json:  # after every method, so a run cut short still leaves what it measured
-                args.json.write_text(json.dumps(report, indent=2) + "\n")
+        for index in range(args.repeat):
+            passes.append({})
+            for method in pass_order(methods, index):
+                passes[-1][method] = _run_worker(args, method, Path(tmp) / f"{method}-{index}", cache_dir)
+                print(f"{method}: done" + (f" (pass {index + 1} of {args.repeat})" if args.repeat > 1 else ""),
+                      file=sys.stderr, flush=True)
+                for name in methods:  # the table keeps the methods' order; medians over the passes so far
+                    runs = [p[name] for p in passes if name in p]
+                    if runs:
+                        results[name] = runs[0] if args.repeat == 1 else median_result(runs)
+                report["table"] = markdown_table(results)
+                if args.repeat > 1:
+                    report["passes"] = passes
+                    report["spread"] = spread_table(passes)
+                if args.json:  # after every method, so a run cut short still leaves what it measured
+                    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.repeat > 1:
+        print(report["spread"] + "\n")
     print(report["table"])
     return 0
+
+
+def _run_worker(args: argparse.Namespace, method: str, work: Path, cache_dir: str) -> dict:
+    """One method measured in a fresh process: its result, or {"error": ...} with the worker's last line."""
+    work.mkdir()
+    result = work / "result.json"
+    proc = subprocess.run(worker_command(args, method, result, cache_dir), capture_output=True, text=True,
+                          env=worker_env(args), cwd=REPO_ROOT)
+    if proc.returncode != 0 or not result.is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"failed: {last}"}
+    measured = json.loads(result.read_text())
+    if "profile" in measured:
+        print(f"{method}: one training step\n{measured['profile']}", file=sys.stderr)
+    return measured
 
 
 if __name__ == "__main__":

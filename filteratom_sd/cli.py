@@ -32,7 +32,7 @@ from .models import load_pipeline
 from .resources import shipped_names
 from .sampling import SampleRequest, run_sampling
 from .training.loop import TrainingInterrupted, train as run_training
-from .training.settings import COMPILE_MODES, LR_SCHEDULERS, resolve_settings
+from .training.settings import COMPILE_MODES, LR_SCHEDULERS, TRAIN_PATHS, resolve_settings
 from .user_files import MAX_PROMPTS_FILE_BYTES, read_text
 
 logger = logging.getLogger("filteratom_sd")
@@ -59,10 +59,9 @@ def _quiet_loading_bars() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
 
 
 @cli.command(help=TRAIN_HELP)
@@ -97,6 +96,7 @@ def _quiet_loading_bars() -> None:
               help="Continue from the newest checkpoint in the output folder, or from the checkpoint folder given.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision " + default_help("mixed_precision"))
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory (off by default).")
+@click.option("--train-path", type=click.Choice(TRAIN_PATHS), help="How filter-atom layers train " + default_help("train_path"))
 @click.option("--compile", is_flag=False, flag_value="default", default=None, type=click.Choice(COMPILE_MODES),
               help="torch.compile the UNet (inductor; MODE reduce-overhead adds CUDA graphs): for GPUs, the first step compiles.")
 @click.option("--instance-prompt", help="Caption of every concept image without its own; must contain the token "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..core.adapter_file import save_adapter
 from ..core.fingerprint import fingerprint
 from ..core.inject import add_adapter
-from ..core.layer import set_weight_recompute
+from ..core.layer import set_train_path, set_weight_recompute
 from ..core.token_embedding import TOKEN_EMBEDDING_KEY, TrainableToken
 from ..core.method import AdapterMethod
 from ..errors import ConfigError, DataError, TrainingError
@@ -190,6 +190,7 @@ def _train(settings: TrainingSettings, record: CheckpointRecord | None, progress
     unet.to(dtype=weight_dtype)
     for p in params.values():
         p.data = p.data.float()  # trained parameters stay fp32 under mixed precision
+    set_train_path(unet, settings.train_path)
     if settings.gradient_checkpointing:  # trade compute for memory in the adapter's layers too
         unet.enable_gradient_checkpointing()
         set_weight_recompute(unet, True)

@@ -19,10 +19,10 @@ from ..errors import UserInputError
 # More --steps continues from the checkpoint, as diffusers' scripts do (a schedule that depends on the total, such
 # as cosine, then follows the new total's curve from that step on); the others only change when checkpoints,
 # validation grids and logs are written, or how the gradients and class images are computed (class images enter by
-# content; torch.compile rounds differently, as another device would).
+# content; torch.compile and the training path round differently, as another device would).
 SAFE_TO_CHANGE = ("steps", "checkpoint_every", "checkpoints_total_limit", "validation_prompts", "validation_every",
                   "validation_steps", "guidance_scale", "on_nan", "gradient_checkpointing", "output_dir",
-                  "sample_batch_size", "compile", "compile_backend")
+                  "sample_batch_size", "compile", "compile_backend", "train_path")
 # Settings replaced by what they resolve to: the effective learning rate, and inputs by their content.
 _RESOLVED = ("lr", "lr_by_method", "model", "images", "class_images", "token")
 _NAMES = {"images": "the images or their captions", "class_images": "the class images",

@@ -13,6 +13,7 @@ import yaml
 
 from ..atomic import atomic_write_text
 from ..checks import MAX_GUIDANCE, MAX_SEED, check_field_types
+from ..core.fast_paths import TRAIN_PATHS
 from ..errors import ConfigError
 from ..methods.registry import method_class
 from ..resources import config_file as find_config_file
@@ -98,6 +99,9 @@ class TrainingSettings:
     # torch.compile of the prepared UNet: an inductor mode ("reduce-overhead": CUDA graphs), None for eager.
     compile: str | None = None
     compile_backend: str = "inductor"
+    # How filter-atom layers train: through the activations, through the effective weight, or whichever "auto"
+    # estimates cheaper (core.fast_paths.activation_op); the same gradients either way, rounded differently.
+    train_path: str = "auto"
 
     @property
     def trigger(self) -> str:
@@ -166,6 +170,8 @@ class TrainingSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}.")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}.")
+        if self.train_path not in TRAIN_PATHS:
+            raise ConfigError(f"--train-path must be one of {', '.join(TRAIN_PATHS)}, got {self.train_path!r}.")
         if self.compile_backend not in COMPILE_BACKENDS:
             raise ConfigError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, "
                               f"got {self.compile_backend!r}.")

@@ -5,6 +5,7 @@
     python -m benchmarks.run --model tiny --resolution 64              # the bundled tiny UNet
     python -m benchmarks.run --resolution 512 --dtype fp16 --gradient-checkpointing   # on a GPU
     python -m benchmarks.run --resolution 512 --dtype bf16 --batch-size 4 --compile --methods base,C2,lora-r4
+    python -m benchmarks.run --methods C2,lora-r4 --repeat 3      # alternating passes: medians, per-pass ratios
 
 Run it from the repository root (the harness is `benchmarks/harness.py`, not part of the installed package).
 

@@ -448,7 +448,7 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _decompose_if_needed(unet: nn.Module, preset: str, cache_dir: Path) -> float | None:
+def decompose_if_needed(unet: nn.Module, preset: str, cache_dir: Path) -> float | None:
     """Write the decomposition cache entry for `preset` when it is missing; seconds taken (None: was cached)."""
     config = FilterAtomConfig.preset(preset)
     targets = default_targets(unet)
@@ -492,7 +492,7 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     out["build_s"] = time.perf_counter() - start
     out["base_bytes"] = sum(p.numel() * p.element_size() for p in unet.parameters())
     if harness.kind == "filter-atoms":
-        out["decompose_s"] = _decompose_if_needed(unet, method, cache_dir)
+        out["decompose_s"] = decompose_if_needed(unet, method, cache_dir)
 
     # ---- training
     start = time.perf_counter()

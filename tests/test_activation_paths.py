@@ -87,9 +87,16 @@ def test_auto_takes_the_activations_only_where_they_cost_less():
     conv = adapted(nn.Conv2d(176, 176, 3, padding=1), "conv", seeds=[1], scales=[1.0])
     small = adapted(nn.Linear(64, 64), "blocks", seeds=[1], scales=[1.0])
     names = ["a0"]
-    # C2 (m = 9, kc = 16): 3 n m / kc <= n + 16 + 2 m holds up to n = 49 rows
+    # C2 (m = 9, kc = 16): 2 (n m / kc + n m kc / c_out) <= n + 16 + 2 m holds up to n = 49 rows at c_out = 512,
+    # 128 at 2048 (wide layers pay for more rows), 27 at 256
     assert activation_op(linear, torch.randn(49, 512), names) is block_linear
     assert activation_op(linear, torch.randn(50, 512), names) is None
+    wide = adapted(nn.Linear(512, 2048), "blocks", seeds=[1], scales=[1.0])
+    narrow = adapted(nn.Linear(1024, 256), "blocks", seeds=[1], scales=[1.0])
+    assert activation_op(wide, torch.randn(128, 512), names) is block_linear
+    assert activation_op(wide, torch.randn(129, 512), names) is None
+    assert activation_op(narrow, torch.randn(27, 1024), names) is block_linear
+    assert activation_op(narrow, torch.randn(28, 1024), names) is None
     # k x k conv: the im2col columns (9x the input) no larger than the weight
     assert activation_op(conv, torch.randn(1, 176, 13, 13), names) is tap_conv
     assert activation_op(conv, torch.randn(1, 176, 14, 14), names) is None

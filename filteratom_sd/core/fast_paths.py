@@ -198,9 +198,11 @@ class BlockLinearOp(torch.autograd.Function):
 
     dW x is computed from the activations: every input block times every dD_l (one batched GEMM over
     the m atoms), then alpha mixes blocks and atoms in one GEMM, so training never builds dW nor
-    computes W's gradient. That costs about 3 n m / kc multiply-adds per weight entry for n rows of
-    x (against 2 m + n for building dW and its gradient), so it pays for few rows: small latents,
-    the time embedding. Inputs after x: the layer, the scales, then (alpha as (a, m b), dD) per update.
+    computes W's gradient. For n rows of x that costs about n m / kc multiply-adds per weight entry for
+    alpha's mixing and n m kc_out / c_out for the blocks times the atoms, in the forward and about as much
+    again in the backward (against 2 m + n for building dW and its gradient), so it pays for few rows:
+    small latents, the time embedding, wide layers. Inputs after x: the layer, the scales, then (alpha as
+    (a, m b), dD) per update.
     """
 
     @staticmethod
@@ -240,7 +242,7 @@ class BlockLinearOp(torch.autograd.Function):
             by_output = grad.view(n, a, p).transpose(0, 1).reshape(a, n * p)
             grad_mixed = (mixing.to(rows.dtype).t() @ by_output).view(m, b * n, p)
             by_block = _by_block(rows, b)
-            grads += [None, (scale * grad_mixed.mT @ by_block).to(atoms.dtype)]
+            grads += [None, (grad_mixed.mT @ by_block).mul_(scale).to(atoms.dtype)]  # scaled once it is small
             if need_x:
                 grad_blocks = (grad_mixed @ atoms.to(rows.dtype)).sum(0)  # (b n, q)
                 grad_x.view(n, b, -1).add_(grad_blocks.view(b, n, -1).transpose(0, 1), alpha=scale)
@@ -284,9 +286,12 @@ def activation_op(layer: Any, x: Tensor, names: list[str]) -> Callable[[Tensor, 
     pointwise = not conv or (base.kernel_size == (1, 1) and base.stride == (1, 1) and base.padding == (0, 0)
                              and base.groups == 1)
     if pointwise and all(getattr(d, "supports_blocks", False) for d in deltas):
-        rows = x.numel() // base.weight.shape[1]
-        costs = [(atoms.shape[0], atoms.shape[2]) for _, atoms in (d.block_factors() for d in deltas)]
-        cheap = sum(3 * rows * m / q for m, q in costs) <= rows + _WEIGHT_PASSES + sum(2 * m for m, _ in costs)
+        rows, c_out = x.numel() // base.weight.shape[1], base.weight.shape[0]
+        sizes = [atoms.shape for _, atoms in (d.block_factors() for d in deltas)]  # (m, kc_out, kc) each
+        # twice the forward's multiply-adds per weight entry, alpha's mixing and the blocks times the atoms: fitted
+        # to SD v1.4's layers on a 2-core CPU, where wide layers pay at 77 rows and narrow ones lose at 64
+        through = sum(2 * (rows * m / q + rows * m * p / c_out) for m, p, q in sizes)
+        cheap = through <= rows + _WEIGHT_PASSES + sum(2 * m for m, _, _ in sizes)
         return block_linear if cheap or layer.train_path == "activations" else None
     return None
 

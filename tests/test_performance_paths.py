@@ -103,6 +103,24 @@ def test_cache_is_invalidated_by_in_place_edits_scale_and_dtype():
     torch.testing.assert_close(doubled.float(), scaled, atol=1e-5, rtol=0)
 
 
+def test_cache_follows_a_replaced_update_and_new_base_storage():
+    unet, inputs = adapted_unet(), make_inputs()
+    first = run(unet, inputs)
+    layer = unet.get_submodule(CONV)
+    other = copy.deepcopy(layer.deltas["default"])
+    with torch.no_grad():
+        other.delta_atoms.mul_(-4.0)
+    layer.deltas["default"] = other  # put in the ModuleDict directly, not through add_delta
+    other.attach(layer)
+    replaced = run(unet, inputs)
+    assert (replaced - first).abs().max() > 1e-4
+    torch.testing.assert_close(replaced, uncached(unet, inputs), atol=0, rtol=0)
+    layer.base_layer.weight.data = 1.5 * layer.base_layer.weight.data  # new storage, same version counter
+    rescaled = run(unet, inputs)
+    assert (rescaled - replaced).abs().max() > 1e-4
+    torch.testing.assert_close(rescaled, uncached(unet, inputs), atol=0, rtol=0)
+
+
 def test_no_cache_is_kept_in_training():
     unet, inputs = adapted_unet(), make_inputs()
     run(unet, inputs)

@@ -22,10 +22,14 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+_COMPILER_IS_COMPILING = getattr(torch.compiler, "is_compiling", None)  # torch 2.3+
+
+
 def is_compiling() -> bool:
     """True while torch.compile traces the caller (torch.compiler.is_compiling is torch 2.3+; dynamo's before)."""
-    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-    return bool(check())
+    if _COMPILER_IS_COMPILING is not None:
+        return _COMPILER_IS_COMPILING()
+    return bool(torch._dynamo.is_compiling())
 
 
 def prepare_compile() -> None:
@@ -267,6 +271,12 @@ _WEIGHT_PASSES = 16
 MIN_ACTIVATION_PATH_ENTRIES = 1 << 18
 
 
+def weight_path_only(layer: Any) -> bool:
+    """True when `activation_op` returns None for every input: the "weight" path, or "auto" on a small layer."""
+    path = layer.train_path
+    return path == "weight" or (path == "auto" and layer.weight.numel() < MIN_ACTIVATION_PATH_ENTRIES)
+
+
 def activation_op(layer: Any, x: Tensor, names: list[str]) -> Callable[[Tensor, Any, list[str]], Tensor] | None:
     """The function that trains `layer` through its activations (`tap_conv`, `block_linear`), or None.
 
@@ -274,15 +284,15 @@ def activation_op(layer: Any, x: Tensor, names: list[str]) -> Callable[[Tensor, 
     `train_path` asks for it, an update does not have the needed form, or under "auto" it costs less
     (small layers, or many activation rows).
     """
-    base = layer.base_layer
-    if layer.train_path == "weight" or (layer.train_path == "auto" and base.weight.numel() < MIN_ACTIVATION_PATH_ENTRIES):
+    if weight_path_only(layer):
         return None
+    base, path = layer.base_layer, layer.train_path
     deltas = [layer.deltas[n] for n in names]
     conv = isinstance(base, nn.Conv2d)
     if conv and base.groups == 1 and all(getattr(d, "supports_taps", False) for d in deltas):
         taps = base.kernel_size[0] * base.kernel_size[1]
         cheap = x.numel() * taps <= base.weight.numel() * base.stride[0] * base.stride[1]
-        return tap_conv if cheap or layer.train_path == "activations" else None
+        return tap_conv if cheap or path == "activations" else None
     pointwise = not conv or (base.kernel_size == (1, 1) and base.stride == (1, 1) and base.padding == (0, 0)
                              and base.groups == 1)
     if pointwise and all(getattr(d, "supports_blocks", False) for d in deltas):
@@ -292,7 +302,7 @@ def activation_op(layer: Any, x: Tensor, names: list[str]) -> Callable[[Tensor, 
         # to SD v1.4's layers on a 2-core CPU, where wide layers pay at 77 rows and narrow ones lose at 64
         through = sum(2 * (rows * m / q + rows * m * p / c_out) for m, p, q in sizes)
         cheap = through <= rows + _WEIGHT_PASSES + sum(2 * m for m, _, _ in sizes)
-        return block_linear if cheap or layer.train_path == "activations" else None
+        return block_linear if cheap or path == "activations" else None
     return None
 
 

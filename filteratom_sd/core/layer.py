@@ -17,7 +17,7 @@ Where the cost goes (docs/performance.md has the measurements):
   of the network runs (the autograd ops are in `fast_paths`);
 - sampling without fusing (no gradient wanted): on the CPU, the same activation paths where
   they cost less; otherwise the effective weight is built once and reused until an update's
-  tensors, its scale or the base weight change (`set_weight_cache`; keyed by the tensors'
+  parameters, its scale or the base weight change (`set_weight_cache`; keyed by the parameters' storage and
   version counters; torch.compile traces the build into its graph instead);
 - fused: the forward is the base layer's own.
 
@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .fast_paths import TRAIN_PATHS, RebuiltWeightOp, activation_op, is_compiling
+from .fast_paths import TRAIN_PATHS, RebuiltWeightOp, activation_op, is_compiling, weight_path_only
 from .fuse_backup import NO_BACKUP, fuse_backup
+from .weight_cache import forget_sources, state_key
 
 OFFLOADED = ("This UNet's weights are on the meta device, where sequential CPU offload keeps them: load adapters and call "
              "merge_and_unload(pipe) before pipe.enable_sequential_cpu_offload(), or call pipe.remove_all_hooks() first.")
@@ -109,7 +110,7 @@ class AdaptedLayer(nn.Module):
         # Buffers, so that .to(device / dtype) moves them with the fused weight; never saved.
         self.register_buffer("_weight_backup", None, persistent=False)
         self.register_buffer("_bias_backup", None, persistent=False)
-        self._cached: tuple[Any, Tensor, Tensor | None] | None = None
+        self._cached: tuple[Any, Tensor, Tensor | None, bool] | None = None  # key, W_eff, bias, right for any input
         self.train(base_layer.training)  # a wrapper added to an eval-mode model is in eval mode too
 
     @staticmethod
@@ -118,6 +119,7 @@ class AdaptedLayer(nn.Module):
             raise ConfigError(f"Only nn.Conv2d and nn.Linear can be adapted, not {type(base_layer).__name__}.")
 
     def __setstate__(self, state: dict) -> None:
+        forget_sources(state)
         super().__setstate__(state)
         for delta in self.deltas.values():
             delta.attach(self)
@@ -210,8 +212,9 @@ class AdaptedLayer(nn.Module):
 
     def run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The base layer's operation with the given weight and bias."""
-        if isinstance(self.base_layer, nn.Conv2d):
-            return self.base_layer._conv_forward(x, weight, bias)
+        base = self._modules["base_layer"]
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
 
     def _trainable(self, names: list[str]) -> list[Tensor]:
@@ -225,59 +228,51 @@ class AdaptedLayer(nn.Module):
             return base.padding_mode == "zeros" and not isinstance(base.padding, str)
         return True
 
-    def _cache_key(self, names: list[str]) -> tuple | None:
-        # plain dict reads: nn.Module.__getattr__, modules() and parameters() cost more than a small layer's convolution
-        base, deltas = self._modules["base_layer"], self._modules["deltas"]._modules
-        try:
-            weight = base.weight
-            parts: list[Any] = [tuple(names), tuple(self.scales[n] for n in names), weight.dtype, weight.device]
-            tensors = [weight, base.bias, self._buffers["_weight_backup"]]
-            for n in names:
-                delta = deltas[n]
-                for module in delta.modules() if delta._modules else (delta,):
-                    tensors += module._parameters.values()
-                    tensors += module._buffers.values()
-            # new storage (a cast, a move, a replaced tensor) changes the pointer; in-place edits the version
-            parts += [None if t is None else (t.data_ptr(), t._version) for t in tensors]
-            return tuple(parts)
-        except RuntimeError:  # inference-mode tensors carry no version counter: do not cache
-            return None
-
-    def _frozen_weight_and_bias(self, names: list[str]) -> tuple[Tensor, Tensor | None]:
+    def _frozen_weight_and_bias(self, names: list[str], compiling: bool, any_input: bool) -> tuple[Tensor, Tensor | None]:
         # under torch.compile the weight build joins the graph: the cache's data-pointer check would break it
-        if not (self.cache_weights and not self.training) or is_compiling():
+        if not (self.cache_weights and not self.training) or compiling:
             with torch.no_grad():
                 return self.effective_weight_and_bias(names)
-        key = self._cache_key(names)
-        if key is not None and self._cached is not None and self._cached[0] == key:
-            return self._cached[1], self._cached[2]
+        key = state_key(self)
+        cached = self._cached
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
         self._cached = None  # free the stale weight before building the new one
         with torch.no_grad():
             weight, bias = self.effective_weight_and_bias(names)
         if key is not None:
-            self._cached = (key, weight, bias)
+            self._cached = (key, weight, bias, any_input)
         return weight, bias
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            cached = self._cached
+            # sampling with a W_eff cached for any input: one check, then the base operation (every layer, every step)
+            if cached is not None and cached[3] and not self.training and not is_compiling() and \
+                    cached[0] == state_key(self):
+                return self.run(x, cached[1], cached[2])
         names = self._active()
+        base = self._modules["base_layer"]
         if not names:
-            return self.base_layer(x)
-        if self.base_layer.weight.is_meta:  # offload hooks fill in weights only inside the base layer's own call
+            return base(x)
+        if base.weight.is_meta:  # offload hooks fill in weights only inside the base layer's own call
             raise ConfigError(OFFLOADED)
         params = self._trainable(names) if torch.is_grad_enabled() else []
+        compiling = is_compiling()
         # without gradients only on the CPU, where im2col + GEMM outran oneDNN at small sizes and no W_eff stays resident
-        sampling_on_cpu = not params and x.device.type == "cpu" and not is_compiling()
-        through_activations = activation_op(self, x, names) if params or sampling_on_cpu else None
-        if through_activations is not None and self._can_recompute():
-            self._cached = None
-            return through_activations(x, self, names)
+        consult = bool(params) or (x.is_cpu and not compiling)
+        if consult:
+            through_activations = activation_op(self, x, names)
+            if through_activations is not None and self._can_recompute():
+                self._cached = None
+                return through_activations(x, self, names)
         if params:
             self._cached = None  # training: a cached weight would be stale after the next optimizer step
             if self.recompute_weights and self._can_recompute():
                 return RebuiltWeightOp.apply(x, self, tuple(names), *params)
             weight, bias = self.effective_weight_and_bias(names)
             return self.run(x, weight, bias)
-        weight, bias = self._frozen_weight_and_bias(names)
+        weight, bias = self._frozen_weight_and_bias(names, compiling, not consult or weight_path_only(self))
         return self.run(x, weight, bias)
 
     @torch.no_grad()

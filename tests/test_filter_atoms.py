@@ -7,6 +7,7 @@ from torch import nn
 from filteratom_sd import FilterAtomConfig, add_filter_atoms
 from filteratom_sd.errors import ConfigError
 from filteratom_sd.core.layer import AdaptedLayer
+from filteratom_sd.filter_atoms.decomposition import decompose_layer
 from filteratom_sd.filter_atoms.delta import AtomDelta
 from filteratom_sd.filter_atoms.overcomplete import overcomplete_update
 from filteratom_sd.core.inject import attached_adapters
@@ -177,6 +178,24 @@ def test_in_place_add_writes_the_bits_of_a_new_tensor(preset, monkeypatch):
                 assert torch.equal(in_place, weight)
     # C3's k x k convs are overcomplete (one transform per input channel): they keep the new-tensor build
     assert taken == ({"blocks"} if preset == "C3" else {"conv", "blocks"})
+
+@pytest.mark.parametrize("c_out, c_in", [(5, 3), (4, 6)])  # 15 filters: one left over after the pairs; 24: none
+def test_derived_conv_update_in_place_matches_alpha_times_atoms(c_out, c_in, monkeypatch):
+    monkeypatch.setattr("filteratom_sd.filter_atoms.delta._CHUNK_ELEMENTS", 40)  # chunks of 4 filters
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 3)
+    found = decompose_layer(conv.weight.detach(), "conv", FilterAtomConfig.preset("C1"))
+    delta = AtomDelta(None, found.atoms0, "conv", coefficient_shape=(c_out, c_in))
+    with torch.no_grad():
+        delta.delta_atoms.normal_()
+        weight = conv.weight.detach().clone()
+        # the reference builds alpha = rows(W) pinv(D0) in float64 and multiplies it by dD
+        rows = weight.double().reshape(-1, 9)
+        alpha = rows @ torch.linalg.pinv(found.atoms0.double().reshape(found.atoms0.shape[0], -1))
+        expected = weight.double() + 0.7 * (alpha @ delta.delta_atoms.double().reshape(-1, 9)).reshape(weight.shape)
+        assert delta.add_in_place(weight, 0.7)
+    torch.testing.assert_close(weight.double(), expected, atol=1e-5, rtol=1e-5)
+
 
 def test_forward_runs_one_convolution():
     unet = make_unet()

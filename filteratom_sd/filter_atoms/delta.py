@@ -34,8 +34,23 @@ def _wants_grad(*tensors: Tensor) -> bool:
 
 
 def _chunks(rows: int, row_elements: int) -> list[slice]:
-    step = max(1, _CHUNK_ELEMENTS // max(row_elements, 1))
+    step = max(2, _CHUNK_ELEMENTS // max(row_elements, 1) // 2 * 2)  # even: `_transform_rows` pairs the rows
     return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def _transform_rows(out: Tensor, accumulator: Tensor, rows: Tensor, transform: Tensor, scale: float) -> None:
+    """out = accumulator + scale rows @ transform, for (n, d) rows (out may not be rows: a GEMM must not write its input).
+
+    Pairs of rows go through one GEMM with the (2d, 2d) block-diagonal transform: the CPU's GEMM runs a 9-column
+    product at a fraction of its speed, and 18 columns take half the time (a 1280 x 1280 x 3 x 3 kernel: 19 ms, 9 ms).
+    """
+    n, d = rows.shape
+    even = n - n % 2
+    if even:
+        torch.addmm(accumulator[:even].view(-1, 2 * d), rows[:even].view(-1, 2 * d), torch.block_diag(transform, transform),
+                    alpha=scale, out=out[:even].view(-1, 2 * d))
+    if even < n:
+        torch.addmm(accumulator[even:], rows[even:], transform, alpha=scale, out=out[even:])
 
 
 class AtomDelta(WeightDelta):
@@ -198,8 +213,8 @@ class AtomDelta(WeightDelta):
                         accumulator.shape)
                 out = torch.empty_like(accumulator)
                 for part in _chunks(rows.shape[0], d):
-                    torch.addmm(accumulator.reshape(-1, d)[part], rows[part].to(dtype), transform[0], alpha=scale,
-                                out=out.view(-1, d)[part])
+                    _transform_rows(out.view(-1, d)[part], accumulator.reshape(-1, d)[part], rows[part].to(dtype),
+                                    transform[0], scale)
                 return out
             update = torch.einsum("oid,ide->oie", weight.reshape(*self.coefficient_shape, d).to(dtype), transform)
             return torch.add(accumulator, update.reshape(accumulator.shape), alpha=scale)
@@ -248,7 +263,7 @@ class AtomDelta(WeightDelta):
             for part in parts:
                 chunk = rows[part]
                 block = scratch[: chunk.shape[0]]
-                torch.addmm(chunk, chunk, transform[0], alpha=scale, out=block)  # a GEMM must not write its own input
+                _transform_rows(block, chunk, chunk, transform[0], scale)
                 chunk.copy_(block)
             return True
         if self.layout != "blocks":

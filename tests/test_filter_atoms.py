@@ -179,6 +179,7 @@ def test_in_place_add_writes_the_bits_of_a_new_tensor(preset, monkeypatch):
     # C3's k x k convs are overcomplete (one transform per input channel): they keep the new-tensor build
     assert taken == ({"blocks"} if preset == "C3" else {"conv", "blocks"})
 
+
 @pytest.mark.parametrize("c_out, c_in", [(5, 3), (4, 6)])  # 15 filters: one left over after the pairs; 24: none
 def test_derived_conv_update_in_place_matches_alpha_times_atoms(c_out, c_in, monkeypatch):
     monkeypatch.setattr("filteratom_sd.filter_atoms.delta._CHUNK_ELEMENTS", 40)  # chunks of 4 filters

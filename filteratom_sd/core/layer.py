@@ -248,7 +248,7 @@ class AdaptedLayer(nn.Module):
         if not torch.is_grad_enabled():
             cached = self._cached
             # sampling with a W_eff cached for any input: one check, then the base operation (every layer, every step)
-            if cached is not None and cached[3] and not self.training and not is_compiling() and \
+            if cached is not None and cached[3] and self.cache_weights and not self.training and not is_compiling() and \
                     cached[0] == state_key(self):
                 return self.run(x, cached[1], cached[2])
         names = self._active()

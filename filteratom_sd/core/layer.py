@@ -81,6 +81,10 @@ class WeightDelta(nn.Module):
     def attach(self, layer: "AdaptedLayer") -> None:
         """Called when the update is added to `layer`."""
 
+    def grouped_weight(self, layer: "AdaptedLayer", name: str) -> Tensor | None:
+        """W + s dW for training, built together with same-shaped layers (filter atoms), or None to build it here."""
+        return None
+
     # Updates of k x k convs with dW = rows(W) T (a d x d transform of each filter's taps, or one
     # per input channel) set `supports_taps` and implement `tap_transform()` -> (1 or c_in, d, d).
     supports_taps: bool = False
@@ -168,7 +172,8 @@ class AdaptedLayer(nn.Module):
 
     def clear_cache(self) -> None:
         """Forget the cached effective weight (it is also re-validated on every use)."""
-        self._cached = None
+        if self._cached is not None:  # nn.Module's __setattr__ costs microseconds; training calls this every step
+            self._cached = None
 
     def _active(self) -> list[str]:
         # `scales` has the keys of `deltas`, in the same order, without nn.Module's attribute lookup
@@ -218,7 +223,9 @@ class AdaptedLayer(nn.Module):
         return F.linear(x, weight, bias)
 
     def _trainable(self, names: list[str]) -> list[Tensor]:
-        return [p for n in names for p in self.deltas[n].parameters() if p.requires_grad]
+        # an update without submodules: its own parameter dict, not `parameters()`' module walk (every layer, every step)
+        found = (d.parameters() if d._modules else d._parameters.values() for d in map(self.deltas._modules.get, names))
+        return [p for params in found for p in params if p is not None and p.requires_grad]
 
     def _can_recompute(self) -> bool:
         base = self.base_layer
@@ -264,12 +271,14 @@ class AdaptedLayer(nn.Module):
         if consult:
             through_activations = activation_op(self, x, names)
             if through_activations is not None and self._can_recompute():
-                self._cached = None
+                self.clear_cache()
                 return through_activations(x, self, names)
         if params:
-            self._cached = None  # training: a cached weight would be stale after the next optimizer step
+            self.clear_cache()  # training: a cached weight would be stale after the next optimizer step
             if self.recompute_weights and self._can_recompute():
                 return RebuiltWeightOp.apply(x, self, tuple(names), *params)
+            if len(names) == 1 and (weight := self.deltas[names[0]].grouped_weight(self, names[0])) is not None:
+                return self.run(x, weight, base.bias)
             weight, bias = self.effective_weight_and_bias(names)
             return self.run(x, weight, bias)
         weight, bias = self._frozen_weight_and_bias(names, compiling, not consult or weight_path_only(self))

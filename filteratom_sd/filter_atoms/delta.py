@@ -112,14 +112,30 @@ class AtomDelta(WeightDelta):
         )
         self._layer: weakref.ref | None = None
         self._pinv: tuple[Any, Tensor] | None = None
+        self.forget_group()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_layer"] = None  # weak references do not pickle; the layer re-attaches on load
+        state["_group_slot"] = None  # a copy builds its weight alone: the group's members are the original's layers
         return state
 
     def attach(self, layer: AdaptedLayer) -> None:
         self._layer = weakref.ref(layer)
+
+    def join_group(self, group: Any, slot: int) -> None:
+        """Build this update's training weight in `group` (a `grouped.WeightGroup`), as its member `slot`."""
+        self.__dict__["_group_slot"] = (group, slot)
+
+    def forget_group(self) -> None:
+        """Leave this update's group, if any: its weight is built per layer again."""
+        self.__dict__["_group_slot"] = None
+
+    def grouped_weight(self, layer: AdaptedLayer, name: str) -> Tensor | None:
+        found = self.__dict__["_group_slot"]
+        if found is None or found[0].names[found[1]] != name or is_compiling():
+            return None
+        return found[0].weight_for(found[1], layer)
 
     @property
     def overcomplete(self) -> bool:

@@ -19,6 +19,7 @@ from .config import FilterAtomConfig
 from .decomposition import ATOMS_DTYPE, LayerDecomposition, atom_shape, atoms_are_usable, decompose_layer, \
     decompose_layers, needs_alpha
 from .delta import AtomDelta
+from .grouped import form_groups
 from .targets import check_block_size, select_targets
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class FilterAtomMethod(LayerDeltaMethod):
             self.layouts[target] = layout
             self.reports[target] = dataclasses.replace(found, alpha=None)  # alpha lives in the layer only
         self.targets = list(targets)
+        form_groups([(unet.get_submodule(t).deltas[adapter_name], adapter_name) for t in self.targets])
         # Layers loaded from a file whose alpha is derived from W skip the error (NaN): report the computed ones.
         errors = [r.relative_error for r in self.reports.values() if math.isfinite(r.relative_error)]
         if errors:

@@ -33,71 +33,68 @@ def _scaled(tensor: Tensor, scale: float) -> Tensor:
     return tensor if scale == 1.0 else tensor * scale
 
 
-class _GroupTaps(torch.autograd.Function):
-    """W_i + s_i rows(W_i) (P_i dD_i) for every member: the ops, casts and gradient formulas of `AtomDelta.add_to`
-    (and of autograd through it) member by member, so the bits are the per-layer build's; one node for the group."""
+def _taps_weight(weight: Tensor, scale: float, projector: Tensor, delta: Tensor, cast: torch.dtype | None) -> Tensor:
+    # rows(W) + s rows(W) (P dD): `AtomDelta.add_to`'s derived k x k build, op for op (autocast's casts by hand)
+    d = projector.shape[0]
+    transform = _cast(projector, cast).mm(_cast(delta.reshape(delta.shape[0], d), cast)).to(weight.dtype)
+    rows = _cast(weight.reshape(-1, d), cast)
+    built = torch.empty(weight.shape, dtype=rows.dtype, device=rows.device)  # an output that is no view
+    torch.addmm(rows, rows, _cast(transform, cast), alpha=scale, out=built.view(-1, d))
+    return built
+
+
+def _taps_grad(weight: Tensor, scale: float, projector: Tensor, grad: Tensor, cast: torch.dtype | None) -> Tensor:
+    # autograd's formulas through `_taps_weight`: addmm's for its second matrix, then mm's
+    d = projector.shape[0]
+    grad_transform = _scaled(_cast(weight.reshape(-1, d), cast).t().mm(grad.reshape(-1, d)), scale)
+    return _cast(projector, cast).t().mm(grad_transform)
+
+
+def _blocks_weight(weight: Tensor, scale: float, coefficients: tuple[int, int, Tensor], delta: Tensor,
+                   cast: torch.dtype | None) -> Tensor:
+    # W + s sum_l alpha_l kron dD_l: `AtomDelta.add_to`'s Kronecker build, op for op (alpha folded to (a b, m))
+    (a, b, folded), (m, p, q) = coefficients, delta.shape
+    update = _cast(folded, cast).mm(_cast(delta.reshape(m, p * q), cast))
+    update = update.to(weight.dtype).view(a, b, p, q).permute(0, 2, 1, 3)
+    built = torch.empty(weight.shape, dtype=update.dtype, device=update.device)  # an output that is no view
+    torch.add(weight.view(a, p, b, q), update, alpha=scale, out=built.view(a, p, b, q))
+    return built
+
+
+def _blocks_grad(weight: Tensor, scale: float, coefficients: tuple[int, int, Tensor], grad: Tensor,
+                 cast: torch.dtype | None) -> Tensor:
+    # autograd's formulas through `_blocks_weight`: add's for its scaled input, the permute's, then mm's
+    a, b, folded = coefficients
+    p, q = grad.shape[0] // a, grad.shape[1] // b
+    grad_update = _scaled(grad.view(a, p, b, q), scale).permute(0, 2, 1, 3).reshape(a * b, p * q)
+    return _cast(folded, cast).t().mm(_cast(grad_update, cast))
+
+
+_KINDS = {"taps": (_taps_weight, _taps_grad), "blocks": (_blocks_weight, _blocks_grad)}
+
+
+class _GroupBuild(torch.autograd.Function):
+    """Every member's W + s dW as one autograd node: each member through the per-layer build's own ops and gradient
+    formulas (`_KINDS`), so the bits are the per-layer build's."""
 
     @staticmethod
-    def forward(ctx, group: "WeightGroup", weights: tuple[Tensor, ...], scales: tuple[float, ...],
-                projectors: tuple[Tensor, ...], *atoms: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, group: "WeightGroup", weights: tuple[Tensor, ...], scales: tuple[float, ...], factors: tuple,
+                *atoms: Tensor) -> tuple[Tensor, ...]:
+        build = _KINDS[group.kind][0]
         cast = autocast_dtype(weights[0])
-        out = []
         with torch.autocast(weights[0].device.type, enabled=False):
-            for weight, scale, projector, delta in zip(weights, scales, projectors, atoms):
-                d = projector.shape[0]
-                transform = _cast(projector, cast).mm(_cast(delta.reshape(delta.shape[0], d), cast)).to(weight.dtype)
-                rows = _cast(weight.reshape(-1, d), cast)
-                built = torch.empty(weight.shape, dtype=rows.dtype, device=rows.device)  # outputs that are no views
-                torch.addmm(rows, rows, _cast(transform, cast), alpha=scale, out=built.view(-1, d))
-                out.append(built)
-        ctx.group, ctx.weights, ctx.scales, ctx.projectors, ctx.cast = group, weights, scales, projectors, cast
+            out = tuple(build(*member, cast) for member in zip(weights, scales, factors, atoms))
+        ctx.group, ctx.members, ctx.cast = group, (weights, scales, factors), cast
         ctx.atom_shapes = [(delta.shape, delta.dtype) for delta in atoms]
-        return tuple(out)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: Tensor):
         ctx.group.generation += 1  # this build's graph is spent
-        out = []
-        for weight, scale, projector, grad, (shape, dtype) in zip(ctx.weights, ctx.scales, ctx.projectors, grads,
-                                                                  ctx.atom_shapes):
-            d = projector.shape[0]
-            rows = _cast(weight.reshape(-1, d), ctx.cast)
-            grad_transform = _scaled(rows.t().mm(grad.reshape(-1, d)), scale)
-            out.append(_cast(projector, ctx.cast).t().mm(grad_transform).to(dtype).view(shape))
-        return (None, None, None, None, *out)
-
-
-class _GroupBlocks(torch.autograd.Function):
-    """W_i + s_i sum_l alpha_il kron dD_il for every member, as `AtomDelta.add_to` builds it (the same ops, casts
-    and gradient formulas, so the same bits); one node for the group."""
-
-    @staticmethod
-    def forward(ctx, group: "WeightGroup", weights: tuple[Tensor, ...], scales: tuple[float, ...],
-                coefficients: tuple[tuple[int, int, Tensor], ...], *atoms: Tensor) -> tuple[Tensor, ...]:
-        cast = autocast_dtype(weights[0])
-        out = []
-        with torch.autocast(weights[0].device.type, enabled=False):
-            for weight, scale, (a, b, folded), delta in zip(weights, scales, coefficients, atoms):
-                m, p, q = delta.shape
-                update = _cast(folded, cast).mm(_cast(delta.reshape(m, p * q), cast))
-                update = update.to(weight.dtype).view(a, b, p, q).permute(0, 2, 1, 3)
-                built = torch.empty(weight.shape, dtype=update.dtype, device=update.device)  # outputs that are no views
-                torch.add(weight.view(a, p, b, q), update, alpha=scale, out=built.view(a, p, b, q))
-                out.append(built)
-        ctx.group, ctx.scales, ctx.coefficients, ctx.cast = group, scales, coefficients, cast
-        ctx.atom_shapes = [(delta.shape, delta.dtype) for delta in atoms]
-        return tuple(out)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads: Tensor):
-        ctx.group.generation += 1  # this build's graph is spent
-        out = []
-        for scale, (a, b, folded), grad, (shape, dtype) in zip(ctx.scales, ctx.coefficients, grads, ctx.atom_shapes):
-            p, q = shape[1:]
-            grad_update = _scaled(grad.view(a, p, b, q), scale).permute(0, 2, 1, 3).reshape(a * b, p * q)
-            out.append(_cast(folded, ctx.cast).t().mm(_cast(grad_update, ctx.cast)).to(dtype).view(shape))
+        grad_of = _KINDS[ctx.group.kind][1]
+        out = [grad_of(*member, grad, ctx.cast).to(dtype).view(shape)
+               for *member, grad, (shape, dtype) in zip(*ctx.members, grads, ctx.atom_shapes)]
         return (None, None, None, None, *out)
 
 
@@ -189,13 +186,11 @@ class WeightGroup:
         scales = tuple(member[3] for member in members)
         atoms = [member[1]._parameters["delta_atoms"] for member in members]
         if self.kind == "taps":
-            projectors = tuple(member[1]._projector() for member in members)
-            built = _GroupTaps.apply(self, weights, scales, projectors, *atoms)
+            factors = tuple(member[1]._projector() for member in members)
         else:
-            coefficients = tuple(self._folded(slot, delta) for slot, delta, _, _ in members)
-            built = _GroupBlocks.apply(self, weights, scales, coefficients, *atoms)
+            factors = tuple(self._folded(slot, delta) for slot, delta, _, _ in members)
         self.builds += 1
-        return built
+        return _GroupBuild.apply(self, weights, scales, factors, *atoms)
 
 
 def group_kind(delta: AtomDelta) -> str | None:

@@ -82,7 +82,7 @@ class WeightDelta(nn.Module):
         """Called when the update is added to `layer`."""
 
     def grouped_weight(self, layer: "AdaptedLayer", name: str) -> Tensor | None:
-        """W + s dW for training, built together with same-shaped layers (filter atoms), or None to build it here."""
+        """W + s dW for training, built together with other layers where the update knows how, or None to build it here."""
         return None
 
     # Updates of k x k convs with dW = rows(W) T (a d x d transform of each filter's taps, or one

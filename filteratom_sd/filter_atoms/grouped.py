@@ -139,7 +139,8 @@ class WeightGroup:
         delta = self.deltas[slot]()
         layer = None if delta is None or delta._layer is None else delta._layer()
         if layer is None or layer.recompute_weights or layer._active() != [self.names[slot]] or \
-                layer.deltas._modules.get(self.names[slot]) is not delta:
+                layer.deltas._modules.get(self.names[slot]) is not delta or \
+                not delta._parameters["delta_atoms"].requires_grad:  # a frozen update's forward builds no weight
             return None
         weight = layer._modules["base_layer"]._parameters["weight"]
         if weight is None or weight.shape != like.shape or weight.dtype != like.dtype or weight.device != like.device \

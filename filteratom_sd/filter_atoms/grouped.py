@@ -196,9 +196,7 @@ class WeightGroup:
 
 def group_kind(delta: AtomDelta) -> str | None:
     """"taps" or "blocks" when `delta`'s weight can be built in a group, else None."""
-    if delta.delta_alpha is not None or delta.overcomplete:
-        return None
-    if delta.supports_taps:
+    if delta.supports_taps and not delta.overcomplete:  # one shared tap transform, not one per input channel
         return "taps"
     return "blocks" if delta.supports_blocks else None
 

@@ -471,6 +471,31 @@ def profile_table(device: torch.device, step: Callable[[], Any], rows: int = 15)
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def training_step(unet: nn.Module, params: list[nn.Parameter], settings: BenchSettings,
+                  device: torch.device) -> tuple[Callable[[], None], torch.optim.Optimizer | None]:
+    """One AdamW step of `params` on `unet` in training mode (with no parameters: the frozen UNet's forward and
+    backward to its input), compiled as `settings` asks; returns the step and its optimizer."""
+    inputs = make_inputs(unet, settings, device, settings.batch_size)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr) if params else None
+    sample = inputs["sample"].clone().requires_grad_(not params)
+    unet.train()
+    train_unet = unet
+    if settings.compile is not None:  # every method the same way, so LoRA gets the same help
+        train_unet = compiled(unet, settings.compile)
+
+    def step() -> None:
+        with autocast(settings, device):
+            pred = train_unet(sample, inputs["timestep"], inputs["encoder_hidden_states"]).sample
+        F.mse_loss(pred.float(), inputs["target"]).backward()
+        if optimizer is None:
+            sample.grad = None
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step, optimizer
+
+
 def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     """Every number of one method (see the module docstring); run it in a fresh process."""
     if settings.threads:
@@ -501,24 +526,7 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     set_train_path(unet, settings.train_path)
     set_weight_recompute(unet, settings.recompute_weights or settings.gradient_checkpointing)
     out["trainable_params"] = sum(p.numel() for p in params)
-    train_inputs = make_inputs(unet, settings, device, settings.batch_size)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr) if params else None
-    sample = train_inputs["sample"].clone().requires_grad_(not params)
-    unet.train()
-    train_unet = unet
-    if settings.compile is not None:  # every method the same way, so LoRA gets the same help
-        train_unet = compiled(unet, settings.compile)
-
-    def train_step() -> None:
-        with autocast(settings, device):
-            pred = train_unet(sample, train_inputs["timestep"], train_inputs["encoder_hidden_states"]).sample
-        loss = F.mse_loss(pred.float(), train_inputs["target"])
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            sample.grad = None
+    train_step, optimizer = training_step(unet, params, settings, device)
 
     memory.start()
     out["memory_before_train_bytes"] = memory.current_bytes()
@@ -541,7 +549,6 @@ def measure_method(method: str, settings: BenchSettings) -> dict[str, Any]:
     out["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     unet.eval()
     del optimizer
-    sample.grad = None
 
     # ---- adapter file, then load / sample rounds
     sample_inputs = make_inputs(unet, settings, device, 2 * settings.batch_size)

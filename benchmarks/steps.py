@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from filteratom_sd.core.fast_paths import TRAIN_PATHS
 from filteratom_sd.core.layer import set_train_path
 from filteratom_sd.filter_atoms.grouped import set_grouped_builds
 
-from benchmarks.harness import METHODS, BenchSettings, MethodHarness, build_unet, decompose_if_needed, make_inputs
+from benchmarks.harness import METHODS, BenchSettings, MethodHarness, build_unet, decompose_if_needed, training_step
 from benchmarks.repeats import pass_order
 
 PER_LAYER = ":per-layer"
@@ -60,7 +59,7 @@ def unknown_methods(methods: list[str], settings: BenchSettings) -> list[str]:
     return wrong
 
 
-def training_step(base: torch.nn.Module, settings: BenchSettings, method: str, cache_dir: Path) -> Callable[[], None]:
+def method_step(base: torch.nn.Module, settings: BenchSettings, method: str, cache_dir: Path) -> Callable[[], None]:
     """One AdamW step of `method` on its own copy of `base` (the frozen UNet alone for "base": its input's gradient)."""
     name = method.removesuffix(PER_LAYER)
     unet = copy.deepcopy(base)
@@ -71,21 +70,7 @@ def training_step(base: torch.nn.Module, settings: BenchSettings, method: str, c
     if method.endswith(PER_LAYER):
         set_grouped_builds(unet, False)
     set_train_path(unet, settings.train_path)
-    inputs = make_inputs(unet, settings, torch.device("cpu"), settings.batch_size)
-    sample = inputs["sample"].clone().requires_grad_(not params)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr) if params else None
-    unet.train()
-
-    def step() -> None:
-        pred = unet(sample, inputs["timestep"], inputs["encoder_hidden_states"]).sample
-        F.mse_loss(pred.float(), inputs["target"]).backward()
-        if optimizer is None:
-            sample.grad = None
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return training_step(unet, params, settings, torch.device("cpu"))[0]
 
 
 def ratio_table(times: dict[str, list[float]]) -> str:
@@ -114,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir = Path(args.cache_dir or tmp)
         os.environ["FILTERATOM_SD_CACHE_DIR"] = str(cache_dir)
         base = build_unet(settings, torch.device("cpu"))
-        steps = {method: training_step(base, settings, method, cache_dir) for method in methods}
+        steps = {method: method_step(base, settings, method, cache_dir) for method in methods}
         del base
         for step in steps.values():  # warm-up: first-call allocations, and the groups' first (per-layer) pass
             step()
